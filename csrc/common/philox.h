@@ -1,0 +1,90 @@
+// Philox4x32-10, the project's dropout RNG (the mapping is documented once, in
+// python/fusedformer/rng.py). Host and device code share this header.
+//
+//   element with logical linear index n, i = offset + n:
+//     key     = (lo32(seed), hi32(seed))
+//     counter = (lo32(i >> 2), hi32(i >> 2), 0, 0)
+//     r       = Philox4x32_10(counter, key)[i & 3]
+//     keep   <=> r >= threshold,  threshold = floor(p * 2^32)
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FF_HOST_DEVICE inline
+#endif
+
+namespace ff {
+
+struct Philox4 {
+  uint32_t w[4];
+};
+
+FF_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+#if defined(__CUDA_ARCH__)
+  *hi = __umulhi(a, b);
+  return a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+#endif
+}
+
+// Ten rounds of Philox4x32 on counter (c0, c1, 0, 0) with key (k0, k1).
+FF_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+  uint32_t c2 = 0, c3 = 0;
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(0xD2511F53u, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, c2, &hi1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// Dropout parameters as every kernel takes them.
+struct DropoutParams {
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+  uint32_t threshold = 0;  // drop iff r < threshold
+  float scale = 1.f;       // 1 / (1 - p)
+  bool enabled = false;
+};
+
+// The four draws of the Philox block holding logical index i (i.e. indices 4*(i>>2) .. +3).
+FF_HOST_DEVICE Philox4 philox_block(const DropoutParams& d, uint64_t i) {
+  const uint64_t block = (d.offset + i) >> 2;
+  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                       static_cast<uint32_t>(d.seed), static_cast<uint32_t>(d.seed >> 32));
+}
+
+// The dropout multiplier of logical element n: 0 or 1 / (1 - p).
+FF_HOST_DEVICE float dropout_multiplier(const DropoutParams& d, uint64_t n) {
+  const Philox4 b = philox_block(d, n);
+  const uint32_t r = b.w[(d.offset + n) & 3];
+  return r >= d.threshold ? d.scale : 0.f;
+}
+
+// Build DropoutParams from the op-level arguments (p in [0, 1)).
+inline DropoutParams make_dropout(double p, int64_t seed, int64_t offset) {
+  DropoutParams d;
+  d.enabled = p > 0.0;
+  d.seed = static_cast<uint64_t>(seed);
+  d.offset = static_cast<uint64_t>(offset);
+  d.threshold = static_cast<uint32_t>(p * 4294967296.0);
+  d.scale = static_cast<float>(1.0 / (1.0 - p));
+  return d;
+}
+
+}  // namespace ff

@@ -1,0 +1,352 @@
+// layer_norm on CUDA GPUs: the math is in layer_norm.h.
+//
+// Forward: one thread block per row (grid-stride over rows). Threads walk the row in 16-byte packs
+// (VEC = 16 / sizeof(T) elements) when N and every pointer allow it, else element by element.
+// Pass 1 forms h = x * Z + residual (dropout mask from Philox, in-kernel), stores the rounded h
+// when it is an output, and sums it; pass 2 sums squared deviations; pass 3 writes y. Passes 2-3
+// read h from a shared-memory copy of the row when it fits (N <= ~12k), else again from global
+// memory (the stored h, or x), which gives the same values.
+//
+// Backward: G = min(M, 4 * SMs) blocks, each owning rows m = g, g + G, ...; per row a first pass
+// sums g * xhat and g, a second writes dh (and dx) and adds dy * xhat, dy into the block's float32
+// partial row for dw / db (in shared memory when 2N floats fit, else in the global partial buffer;
+// each thread only ever touches its own columns, so no atomics). A column kernel then adds the G
+// partial rows in order: deterministic for a given device and shape.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "layer_norm/layer_norm.h"
+
+namespace ff::layer_norm {
+namespace {
+
+using ff::cuda::block_sum;
+using ff::cuda::from_float;
+using ff::cuda::load_floats;
+using ff::cuda::store_floats;
+using ff::cuda::to_float;
+
+constexpr int kScratch = 32;                    // floats of shared memory for block_sum
+constexpr int64_t kSmemBudget = 48 * 1024;      // bytes usable without an opt-in
+
+template <typename T>
+struct FwdArgs {
+  const T* x;
+  const T* residual;
+  const void* weight;
+  const void* bias;
+  T* y;
+  T* h;
+  float* mean;
+  float* rstd;
+  int64_t M, N;
+  float eps;
+  bool rms;
+  bool cache_row;
+  DropoutParams dropout;
+};
+
+template <typename T>
+struct BwdArgs {
+  const T* dy;
+  const T* dh_out;
+  const T* h;
+  const void* weight;
+  const float* mean;
+  const float* rstd;
+  T* dh;
+  T* dx;
+  float* part_dw;   // (G, N)
+  float* part_db;   // (G, N)
+  int64_t M, N;
+  bool rms;
+  bool smem_partials;
+  DropoutParams dropout;
+};
+
+template <typename W>
+__device__ __forceinline__ float param_at(const void* p, int64_t c, float fill) {
+  return p ? to_float(static_cast<const W*>(p)[c]) : fill;
+}
+
+// h for VEC elements of row m starting at column c, as the forward defines it.
+template <typename T, int VEC>
+__device__ __forceinline__ void form_h(const FwdArgs<T>& a, int64_t m, int64_t c, float (&v)[VEC]) {
+  load_floats<VEC>(a.x + m * a.N + c, v);
+  if (a.dropout.enabled) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] *= dropout_multiplier(a.dropout, static_cast<uint64_t>(m * a.N + c + j));
+  }
+  if (a.residual) {
+    float r[VEC];
+    load_floats<VEC>(a.residual + m * a.N + c, r);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] += r[j];
+  }
+}
+
+// h again in passes 2-3: from the shared copy, the stored h, or x itself.
+template <typename T, int VEC>
+__device__ __forceinline__ void reload_h(const FwdArgs<T>& a, const float* cache, int64_t m, int64_t c,
+                                         float (&v)[VEC]) {
+  if (cache) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = cache[c + j];
+  } else {
+    load_floats<VEC>((a.h ? a.h : a.x) + m * a.N + c, v);
+  }
+}
+
+template <typename T, typename W, int VEC>
+__global__ void ln_fwd_kernel(FwdArgs<T> a) {
+  extern __shared__ float smem[];
+  float* scratch = smem;
+  float* cache = a.cache_row ? smem + kScratch : nullptr;
+  const int64_t N = a.N;
+  const float inv_n = 1.f / static_cast<float>(N);
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+
+  for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x) {
+    float sum = 0.f;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
+      float v[VEC];
+      form_h<T, VEC>(a, m, c, v);
+      if (a.h) {
+        store_floats<VEC>(a.h + m * N + c, v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] = to_float(from_float<T>(v[j]));  // the stored, rounded h
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (cache) cache[c + j] = v[j];
+        sum += v[j];
+      }
+    }
+    // Without a stored h or a cache, pass 2 re-reads x: form_h(x) == x exactly in that case.
+    const float mean = a.rms ? 0.f : block_sum(sum, scratch) * inv_n;
+
+    float sq = 0.f;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
+      float v[VEC];
+      reload_h<T, VEC>(a, cache, m, c, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sq += (v[j] - mean) * (v[j] - mean);
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) * inv_n + a.eps);
+    if (threadIdx.x == 0) {
+      if (a.mean) a.mean[m] = mean;
+      a.rstd[m] = rstd;
+    }
+
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
+      float v[VEC];
+      reload_h<T, VEC>(a, cache, m, c, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        v[j] = (v[j] - mean) * rstd * param_at<W>(a.weight, c + j, 1.f) + param_at<W>(a.bias, c + j, 0.f);
+      store_floats<VEC>(a.y + m * N + c, v);
+    }
+  }
+}
+
+template <typename T, typename W, int VEC>
+__global__ void ln_bwd_kernel(BwdArgs<T> a) {
+  extern __shared__ float smem[];
+  float* scratch = smem;
+  const int64_t N = a.N;
+  float* pdw = a.smem_partials ? smem + kScratch : a.part_dw + blockIdx.x * N;
+  float* pdb = a.smem_partials ? smem + kScratch + N : a.part_db + blockIdx.x * N;
+  const float inv_n = 1.f / static_cast<float>(N);
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+
+  // Each thread zeroes, updates and finally writes only its own columns: no barrier needed.
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pdw[c + j] = pdb[c + j] = 0.f;
+  }
+
+  for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x) {
+    const float mean = a.mean ? a.mean[m] : 0.f;
+    const float rstd = a.rstd[m];
+    float s_gx = 0.f, s_g = 0.f;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
+      float h[VEC], dy[VEC];
+      load_floats<VEC>(a.h + m * N + c, h);
+      load_floats<VEC>(a.dy + m * N + c, dy);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float g = dy[j] * param_at<W>(a.weight, c + j, 1.f);
+        s_gx += g * (h[j] - mean) * rstd;
+        s_g += g;
+      }
+    }
+    const float c1 = block_sum(s_gx, scratch) * inv_n;
+    const float c2 = a.rms ? 0.f : block_sum(s_g, scratch) * inv_n;
+
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
+      float h[VEC], dy[VEC], dh[VEC];
+      load_floats<VEC>(a.h + m * N + c, h);
+      load_floats<VEC>(a.dy + m * N + c, dy);
+      if (a.dh_out) {
+        load_floats<VEC>(a.dh_out + m * N + c, dh);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) dh[j] = 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float xhat = (h[j] - mean) * rstd;
+        const float g = dy[j] * param_at<W>(a.weight, c + j, 1.f);
+        dh[j] += rstd * (g - xhat * c1 - c2);
+        pdw[c + j] += dy[j] * xhat;
+        pdb[c + j] += dy[j];
+      }
+      store_floats<VEC>(a.dh + m * N + c, dh);
+      if (a.dx) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) dh[j] *= dropout_multiplier(a.dropout, static_cast<uint64_t>(m * N + c + j));
+        store_floats<VEC>(a.dx + m * N + c, dh);
+      }
+    }
+  }
+
+  if (a.smem_partials) {
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        a.part_dw[blockIdx.x * N + c + j] = pdw[c + j];
+        a.part_db[blockIdx.x * N + c + j] = pdb[c + j];
+      }
+    }
+  }
+}
+
+// dw[c] = sum_g part_dw[g, c] (and db), in g order.
+template <typename W>
+__global__ void ln_bwd_reduce_kernel(const float* part_dw, const float* part_db, int64_t G, int64_t N,
+                                     W* dweight, W* dbias) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= N) return;
+  float sw = 0.f, sb = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    sw += part_dw[g * N + c];
+    sb += part_db[g * N + c];
+  }
+  if (dweight) dweight[c] = from_float<W>(sw);
+  if (dbias) dbias[c] = from_float<W>(sb);
+}
+
+// ---------------------------------------------------------------------------------------------
+// launch helpers
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+int vector_width(int64_t N, std::initializer_list<const void*> ptrs) {
+  constexpr int full = 16 / sizeof(T);
+  if (N % full) return 1;
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<uintptr_t>(p) % 16) return 1;
+  return full;
+}
+
+int sm_count() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+int threads_for(int64_t N, int vec) {
+  const int64_t packs = (N + vec - 1) / vec;
+  const int64_t want = (packs + 3) / 4;  // about four packs per thread
+  return static_cast<int>(std::clamp<int64_t>((want + 31) / 32 * 32, 32, 1024));
+}
+
+template <typename T, typename W, int VEC>
+void launch_fwd(const FwdArgs<T>& a, int threads, size_t smem, int grid, cudaStream_t stream) {
+  ln_fwd_kernel<T, W, VEC><<<grid, threads, smem, stream>>>(a);
+  FF_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T, typename W, int VEC>
+void launch_bwd(const BwdArgs<T>& a, int threads, size_t smem, int grid, cudaStream_t stream) {
+  ln_bwd_kernel<T, W, VEC><<<grid, threads, smem, stream>>>(a);
+  FF_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T, typename W>
+void forward(const FwdParams& p) {
+  FwdArgs<T> a{static_cast<const T*>(p.x), static_cast<const T*>(p.residual), p.weight, p.bias,
+               static_cast<T*>(p.y), static_cast<T*>(p.h), p.mean, p.rstd, p.M, p.N, p.eps, p.rms, false,
+               p.dropout};
+  const int sms = sm_count();
+  const int vec = vector_width<T>(p.N, {p.x, p.residual, p.y, p.h});
+  const int threads = threads_for(p.N, vec);
+  a.cache_row = static_cast<int64_t>(kScratch + p.N) * 4 <= kSmemBudget;
+  const size_t smem = (kScratch + (a.cache_row ? p.N : 0)) * sizeof(float);
+  const int grid = static_cast<int>(std::min<int64_t>(p.M, static_cast<int64_t>(sms) * std::max(1, 2048 / threads)));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int full = 16 / sizeof(T);
+  if (vec == full) launch_fwd<T, W, full>(a, threads, smem, grid, stream);
+  else launch_fwd<T, W, 1>(a, threads, smem, grid, stream);
+}
+
+template <typename T, typename W>
+void backward(const BwdParams& p) {
+  const int sms = sm_count();
+  const int vec = vector_width<T>(p.N, {p.dy, p.dh_out, p.h, p.dh, p.dx});
+  const int threads = threads_for(p.N, vec);
+  const int64_t G = std::min<int64_t>(p.M, static_cast<int64_t>(sms) * 4);
+  auto parts = at::empty({2, G, p.N}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+  BwdArgs<T> a{static_cast<const T*>(p.dy), static_cast<const T*>(p.dh_out), static_cast<const T*>(p.h),
+               p.weight, p.mean, p.rstd, static_cast<T*>(p.dh), static_cast<T*>(p.dx),
+               parts.data_ptr<float>(), parts.data_ptr<float>() + G * p.N, p.M, p.N, p.rms, false, p.dropout};
+  a.smem_partials = static_cast<int64_t>(kScratch + 2 * p.N) * 4 <= kSmemBudget;
+  const size_t smem = (kScratch + (a.smem_partials ? 2 * p.N : 0)) * sizeof(float);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int full = 16 / sizeof(T);
+  if (vec == full) launch_bwd<T, W, full>(a, threads, smem, static_cast<int>(G), stream);
+  else launch_bwd<T, W, 1>(a, threads, smem, static_cast<int>(G), stream);
+  if (p.dweight || p.dbias) {
+    const int rthreads = 256;
+    const int rgrid = static_cast<int>((p.N + rthreads - 1) / rthreads);
+    ln_bwd_reduce_kernel<W><<<rgrid, rthreads, 0, stream>>>(a.part_dw, a.part_db, G, p.N,
+                                                            static_cast<W*>(p.dweight), static_cast<W*>(p.dbias));
+    FF_CUDA_CHECK_LAUNCH();
+  }
+}
+
+// dtype dispatch: T in {float, half, bfloat16}; W (weight/bias) is T or float.
+template <template <typename, typename> class Fn, typename P>
+void dispatch(const P& p) {
+  const bool wf32 = p.wtype == c10::kFloat;
+  switch (p.dtype) {
+    case c10::kFloat: Fn<float, float>::run(p); break;
+    case c10::kHalf:
+      if (wf32) Fn<__half, float>::run(p); else Fn<__half, __half>::run(p);
+      break;
+    case c10::kBFloat16:
+      if (wf32) Fn<__nv_bfloat16, float>::run(p); else Fn<__nv_bfloat16, __nv_bfloat16>::run(p);
+      break;
+    default: TORCH_CHECK_TYPE(false, "layer_norm: unsupported dtype ", p.dtype);
+  }
+}
+
+template <typename T, typename W>
+struct Fwd {
+  static void run(const FwdParams& p) { forward<T, W>(p); }
+};
+template <typename T, typename W>
+struct Bwd {
+  static void run(const BwdParams& p) { backward<T, W>(p); }
+};
+
+}  // namespace
+
+void fwd_cuda(const FwdParams& p) { dispatch<Fwd>(p); }
+void bwd_cuda(const BwdParams& p) { dispatch<Bwd>(p); }
+
+}  // namespace ff::layer_norm

@@ -1,0 +1,18 @@
+"""fusedformer: fused Transformer kernels for PyTorch.
+
+    import fusedformer as ff
+    y = ff.layer_norm(x, (C,), w, b, residual=r, dropout_p=0.1)
+    o = ff.attention(q, k, v, key_padding_mask=pad, dropout_p=0.1, is_causal=False)
+    z = ff.gelu_ffn(x, w1, b1, w2, b2, approximate="none")
+    with ff.use_backend("reference"): ...
+    ff.info()
+"""
+from . import reference, rng
+from .backends import BACKENDS, BackendError, use_backend
+from .info import info
+from .ops import attention, gelu_ffn, layer_norm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "BackendError", "attention", "gelu_ffn", "info", "layer_norm", "reference",
+           "rms_norm", "rng", "use_backend", "__version__"]

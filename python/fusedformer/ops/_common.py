@@ -1,0 +1,164 @@
+"""Argument checks and backend-reason helpers shared by the ops.
+
+Bad input gets a ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device,
+value) that names the argument and says what was expected — before any kernel sees it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import backends, rng
+
+SeedLike = Union[int, Tensor, None]
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks
+# ------------------------------------------------------------------------------------------------
+def check_tensor(op: str, name: str, t, *, ndim: Optional[int] = None, min_ndim: int = 0) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (t.is_floating_point()):
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(t.shape)}); expected at least one element")
+    return t
+
+
+def check_like(op: str, name: str, t: Optional[Tensor], ref: Tensor, ref_name: str, *,
+               shape: Optional[Sequence[int]] = None, dtypes: Optional[Sequence[torch.dtype]] = None,
+               ) -> Optional[Tensor]:
+    """Check an optional tensor argument against the main input: type, device, dtype, shape."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                         "expected the same device")
+    allowed = tuple(dtypes) if dtypes is not None else (ref.dtype,)
+    if t.dtype not in allowed:
+        want = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {want} (the dtype of {ref_name})")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+    return t
+
+
+def check_probability(op: str, name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(p).__name__}")
+    p = float(p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
+    return p
+
+
+def check_finite(op: str, name: str, value, *, min_value: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{op}: {name} must be >= {min_value}, got {value}")
+    return value
+
+
+def check_offset(op: str, offset) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"{op}: offset must be an int, got {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"{op}: offset must be >= 0, got {offset}")
+    return offset
+
+
+def make_seed(op: str, seed: SeedLike, dropout_p: float) -> Optional[Tensor]:
+    """The op-level seed: None without dropout, else a (1,) int64 CPU tensor.
+
+    ``None`` with dropout draws a fresh seed from torch's default CPU generator."""
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        return rng.new_seed()
+    if isinstance(seed, bool):
+        raise TypeError(f"{op}: seed must be an int or an integer tensor, got bool")
+    if isinstance(seed, int):
+        return torch.tensor([seed & ((1 << 63) - 1)], dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise TypeError(f"{op}: seed tensor must hold one integer, got dtype {seed.dtype} "
+                            f"and shape {tuple(seed.shape)}")
+        return seed.reshape(1).to(device="cpu", dtype=torch.int64)
+    raise TypeError(f"{op}: seed must be an int, an integer tensor or None, got {type(seed).__name__}")
+
+
+def seed_int(seed: Optional[Tensor]) -> int:
+    """The seed a native kernel takes by value (0 without dropout)."""
+    return 0 if seed is None else int(seed.reshape(-1)[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# backend reasons
+# ------------------------------------------------------------------------------------------------
+def _dtype_reasons(inputs: dict, allowed=backends.FAST_DTYPES) -> list[str]:
+    dtype = inputs.get("dtype")
+    if dtype is not None and dtype not in allowed:
+        return [f"dtype {dtype} is not supported (takes {', '.join(str(d) for d in allowed)})"]
+    return []
+
+
+def reference_reasons(inputs: dict) -> list[str]:
+    return []
+
+
+def native_reasons(op: str, device_type: str,
+                   extra: Optional[Callable[[dict], list[str]]] = None) -> Callable[[dict], list[str]]:
+    """Reasons for the ``cpu`` / ``cuda`` backends: built?, right device?, dtype, op limits."""
+    backend = "cpu" if device_type == "cpu" else "cuda"
+
+    def reasons(inputs: dict) -> list[str]:
+        why = []
+        missing = backends.native_reason(device_type, op)
+        if missing:
+            why.append(missing)
+        device = inputs["device"]
+        if device.type != device_type:
+            why.append(f"tensors are on {device.type}; the {backend} backend takes {device_type} tensors")
+        if not inputs.get("probe"):
+            why += _dtype_reasons(inputs)
+            if extra is not None:
+                why += extra(inputs)
+        return why
+
+    return reasons
+
+
+def triton_reasons(op: str, extra: Optional[Callable[[dict], list[str]]] = None) -> Callable[[dict], list[str]]:
+    def reasons(inputs: dict) -> list[str]:
+        missing = backends.triton_device_reason(inputs["device"])
+        why = [missing] if missing else []
+        if not inputs.get("probe"):
+            why += _dtype_reasons(inputs)
+            if extra is not None:
+                why += extra(inputs)
+        return why
+
+    return reasons
+
+
+def native_op(name: str):
+    """``torch.ops.fusedformer_C.<name>`` (only called once ``native_reason`` said it exists)."""
+    return getattr(torch.ops.fusedformer_C, name)

@@ -1,0 +1,327 @@
+"""Every op in plain PyTorch: forward and hand-written backward. The ground truth.
+
+Each op is a pair following the project's contract (DESIGN.md, "one op, one contract"):
+
+    <op>_fwd(inputs...)        -> (out, *saved)
+    <op>_bwd(grad_out, *saved) -> grads
+
+with exactly the arguments of the matching ``torch.ops.fusedformer.<op>_fwd/_bwd`` custom ops, so
+every backend is interchangeable. Saved statistics (mean, rstd, log-sum-exp) are float32 for
+float16 / bfloat16 / float32 inputs (float64 for float64 inputs, which only this backend takes).
+Tensors that an op has no use for (say ``mean`` for RMSNorm) are returned as empty tensors: custom
+ops return tensors only.
+
+Shape letters: B batch, H query heads, Hk key/value heads, Sq / Sk query / key length, D head dim,
+Dv value head dim, M rows, N normalized width, C model width, F feed-forward width.
+
+Dropout uses the project's counter-based RNG (``fusedformer.rng``): the same ``seed`` and
+``offset`` give the same mask here and in every fused kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import rng
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _seed_int(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.reshape(-1)[0])
+
+
+def _multiplier(shape, p: float, seed: Optional[Tensor], offset: int, device, dtype) -> Tensor:
+    return rng.dropout_multiplier(shape, p, _seed_int(seed), offset, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_norm
+#
+#   h = dropout(x) + residual          (each term optional; the pre-norm sum, kept for pre-LN)
+#   LayerNorm: y = (h - mean(h)) * rstd * w + b,   rstd = 1 / sqrt(var(h) + eps)   (biased var)
+#   RMSNorm:   y = h * rstd * w,                   rstd = 1 / sqrt(mean(h^2) + eps)
+#
+# Backward with xhat = (h - mean) * rstd (RMSNorm: h * rstd), g = dy * w:
+#   dh  = rstd * (g - xhat * mean(g * xhat) - mean(g))      (RMSNorm drops the last term)
+#       + dh_out                                            (gradient of the returned pre-norm sum)
+#   dw  = sum_rows(dy * xhat),   db = sum_rows(dy)
+#   dresidual = dh,   dx = dh * dropout_multiplier
+# ---------------------------------------------------------------------------------------------
+def layer_norm_fwd(
+    x: Tensor,                    # (M, N) input rows
+    residual: Optional[Tensor],   # (M, N) added after dropout, or None
+    weight: Optional[Tensor],     # (N,) scale, or None
+    bias: Optional[Tensor],       # (N,) shift, or None (always None for RMSNorm)
+    eps: float,
+    dropout_p: float,             # dropout on x, applied before the residual add
+    seed: Optional[Tensor],       # (1,) int64 dropout seed
+    offset: int,                  # dropout counter offset
+    rms: bool,                    # RMSNorm instead of LayerNorm
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y (M, N), h (M, N) or empty, mean (M,) or empty, rstd (M,))``.
+
+    ``h`` (the pre-norm sum, in x's dtype) is returned only when it differs from ``x``, that is
+    with a residual or dropout; the backward then reads it instead of ``x``."""
+    stat = _stat_dtype(x.dtype)
+    h = x
+    if dropout_p > 0.0:
+        h = (x.to(stat) * _multiplier(x.shape, dropout_p, seed, offset, x.device, stat)).to(x.dtype)
+    if residual is not None:
+        h = (h.to(stat) + residual.to(stat)).to(x.dtype)
+    hf = h.to(stat)
+    if rms:
+        mean = hf.new_empty(0)
+        rstd = torch.rsqrt(hf.square().mean(-1) + eps)
+        xhat = hf * rstd[:, None]
+    else:
+        mean = hf.mean(-1)
+        rstd = torch.rsqrt((hf - mean[:, None]).square().mean(-1) + eps)
+        xhat = (hf - mean[:, None]) * rstd[:, None]
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(stat)
+    if bias is not None:
+        y = y + bias.to(stat)
+    h_out = h if (h is not x) else x.new_empty(0)
+    return y.to(x.dtype), h_out, mean, rstd
+
+
+def layer_norm_bwd(
+    dy: Tensor,                   # (M, N) gradient of y
+    dh_out: Optional[Tensor],     # (M, N) gradient of the returned pre-norm sum, or None
+    h: Tensor,                    # (M, N) the pre-norm sum (x itself when there was none)
+    weight: Optional[Tensor],     # (N,)
+    mean: Tensor,                 # (M,) float32, empty for RMSNorm
+    rstd: Tensor,                 # (M,) float32
+    dropout_p: float,
+    seed: Optional[Tensor],
+    offset: int,
+    rms: bool,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dh (M, N), dx (M, N) or empty, dweight (N,) or empty, dbias (N,) or empty)``.
+
+    ``dh`` is the gradient of the pre-norm sum (= the residual's gradient); ``dx`` is returned
+    only with dropout (otherwise it equals ``dh``)."""
+    stat = mean.dtype if mean.numel() else rstd.dtype
+    hf, dyf = h.to(stat), dy.to(stat)
+    xhat = (hf * rstd[:, None]) if rms else ((hf - mean[:, None]) * rstd[:, None])
+    g = dyf * weight.to(stat) if weight is not None else dyf
+    c1 = (g * xhat).mean(-1, keepdim=True)
+    if rms:
+        dh = rstd[:, None] * (g - xhat * c1)
+    else:
+        dh = rstd[:, None] * (g - xhat * c1 - g.mean(-1, keepdim=True))
+    if dh_out is not None:
+        dh = dh + dh_out.to(stat)
+    dx = h.new_empty(0)
+    if dropout_p > 0.0:
+        dx = (dh * _multiplier(h.shape, dropout_p, seed, offset, h.device, stat)).to(h.dtype)
+    dweight = (dyf * xhat).sum(0).to(weight.dtype) if weight is not None else h.new_empty(0)
+    dbias = dyf.sum(0).to(dy.dtype if weight is None else weight.dtype) if has_bias else h.new_empty(0)
+    return dh.to(h.dtype), dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# gelu_ffn
+#
+#   pre = x W1^T + b1;  g = gelu(pre);  y = dropout(g W2^T + b2)
+#   gelu(u)  = u * Phi(u) = 0.5 u (1 + erf(u / sqrt 2))                               (exact)
+#            ~ 0.5 u (1 + tanh(k (u + 0.044715 u^3))),  k = sqrt(2 / pi)               ('tanh')
+#   gelu'(u) = Phi(u) + u phi(u)                                                       (exact)
+#            = 0.5 (1 + t) + 0.5 u (1 - t^2) k (1 + 3 * 0.044715 u^2),  t = tanh(...)  ('tanh')
+#
+# Backward: dz = dy * dropout_multiplier;  db2 = sum_rows dz;  dW2 = dz^T g
+#           dpre = (dz W2) * gelu'(pre);   db1 = sum_rows dpre;  dW1 = dpre^T x;  dx = dpre W1
+# The pre-activation is saved (M x F); recomputing it would cost a third GEMM.
+# ---------------------------------------------------------------------------------------------
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_C = 0.044715
+
+
+def gelu(u: Tensor, approximate: str) -> Tensor:
+    """GELU in plain arithmetic (same math as ``F.gelu``)."""
+    if approximate == "tanh":
+        return 0.5 * u * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (u + _TANH_C * u * u * u)))
+    return 0.5 * u * (1.0 + torch.erf(u * _INV_SQRT_2))
+
+
+def gelu_grad(u: Tensor, approximate: str) -> Tensor:
+    """d gelu(u) / du."""
+    if approximate == "tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (u + _TANH_C * u * u * u))
+        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * u * u)
+    return 0.5 * (1.0 + torch.erf(u * _INV_SQRT_2)) + u * torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
+
+
+def gelu_ffn_fwd(
+    x: Tensor,                    # (M, C) input rows
+    w1: Tensor,                   # (F, C) first linear weight (nn.Linear layout)
+    b1: Optional[Tensor],         # (F,)
+    w2: Tensor,                   # (C2, F) second linear weight
+    b2: Optional[Tensor],         # (C2,)
+    approximate: str,             # 'none' (erf) or 'tanh'
+    dropout_p: float,             # dropout on the output
+    seed: Optional[Tensor],
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(y (M, C2), pre (M, F))``; ``pre`` is the saved pre-activation."""
+    stat = _stat_dtype(x.dtype)
+    pre = torch.nn.functional.linear(x, w1, b1)
+    g = gelu(pre.to(stat), approximate).to(x.dtype)
+    y = torch.nn.functional.linear(g, w2, b2)
+    if dropout_p > 0.0:
+        y = (y.to(stat) * _multiplier(y.shape, dropout_p, seed, offset, y.device, stat)).to(x.dtype)
+    return y, pre
+
+
+def gelu_ffn_bwd(
+    dy: Tensor,                   # (M, C2)
+    x: Tensor,                    # (M, C)
+    w1: Tensor,                   # (F, C)
+    w2: Tensor,                   # (C2, F)
+    pre: Tensor,                  # (M, F) saved pre-activation
+    approximate: str,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    offset: int,
+    has_b1: bool,
+    has_b2: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dw1, db1 or empty, dw2, db2 or empty)``."""
+    stat = _stat_dtype(x.dtype)
+    dz = dy
+    if dropout_p > 0.0:
+        dz = (dy.to(stat) * _multiplier(dy.shape, dropout_p, seed, offset, dy.device, stat)).to(dy.dtype)
+    pre_f = pre.to(stat)
+    g = gelu(pre_f, approximate).to(x.dtype)
+    dw2 = dz.t() @ g
+    db2 = dz.to(stat).sum(0).to(dy.dtype) if has_b2 else dy.new_empty(0)
+    dg = dz @ w2
+    dpre = (dg.to(stat) * gelu_grad(pre_f, approximate)).to(x.dtype)
+    dw1 = dpre.t() @ x
+    db1 = dpre.to(stat).sum(0).to(x.dtype) if has_b1 else x.new_empty(0)
+    dx = dpre @ w1
+    return dx, dw1, db1, dw2, db2
+
+
+# ---------------------------------------------------------------------------------------------
+# attention — the semantics of torch.nn.functional.scaled_dot_product_attention, plus key padding
+# and a dropout seed.
+#
+#   S = scale * Q K^T + bias,  bias = additive attn_mask, -inf where a bool mask is False, where
+#       is_causal and k > q (top-left aligned, like SDPA), and where key_padding_mask[b, k] is True
+#   lse = logsumexp_k S;   P = exp(S - lse)   (a row with every key masked: lse = -inf, P = 0)
+#   O = (P * Z) V,         Z = dropout multiplier of element (b, h, q, k)
+#
+# GQA: query head h reads key/value head h // (H / Hk).
+# Backward: dV = (P*Z)^T dO;  dP = (dO V^T) * Z;  dS = P * (dP - rowsum(P * dP))
+#           dQ = scale * dS K;  dK = scale * dS^T Q  (dK, dV summed over the heads of a group)
+# Masks are constants: they get no gradient.
+# ---------------------------------------------------------------------------------------------
+def attention_bias(
+    q: Tensor, k: Tensor,
+    attn_mask: Optional[Tensor],          # broadcastable to (B, H, Sq, Sk): bool (True = attend) or additive
+    key_padding_mask: Optional[Tensor],   # (B, Sk) bool, True = padding (ignored key)
+    is_causal: bool,
+    dtype: torch.dtype,
+) -> Optional[Tensor]:
+    """The additive bias (broadcastable to (B, H, Sq, Sk)) all masks add up to, or None."""
+    Sq, Sk = q.shape[-2], k.shape[-2]
+    bias = None
+
+    def add(t):
+        nonlocal bias
+        bias = t if bias is None else bias + t
+
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+    zero = torch.tensor(0.0, dtype=dtype, device=q.device)
+    if attn_mask is not None:
+        add(torch.where(attn_mask, zero, neg_inf) if attn_mask.dtype == torch.bool else attn_mask.to(dtype))
+    if is_causal:
+        allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
+        add(torch.where(allowed, zero, neg_inf))
+    if key_padding_mask is not None:
+        add(torch.where(key_padding_mask, neg_inf, zero)[:, None, None, :])
+    return bias
+
+
+def _expand_kv(t: Tensor, groups: int) -> Tensor:
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _probabilities(S: Tensor, lse: Tensor) -> Tensor:
+    P = torch.exp(S - lse[..., None])
+    return torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(P), P)
+
+
+def _scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat) -> Tensor:
+    kx = _expand_kv(k, q.shape[1] // k.shape[1])
+    S = (q @ kx.transpose(-1, -2)).to(stat) * scale
+    bias = attention_bias(q, k, attn_mask, key_padding_mask, is_causal, stat)
+    return S if bias is None else S + bias
+
+
+def attention_fwd(
+    q: Tensor,                            # (B, H, Sq, D)
+    k: Tensor,                            # (B, Hk, Sk, D)
+    v: Tensor,                            # (B, Hk, Sk, Dv)
+    attn_mask: Optional[Tensor],          # broadcastable to (B, H, Sq, Sk)
+    key_padding_mask: Optional[Tensor],   # (B, Sk) bool, True = padding
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    seed: Optional[Tensor],
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(out (B, H, Sq, Dv), lse (B, H, Sq) float32)``."""
+    stat = _stat_dtype(q.dtype)
+    S = _scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat)
+    lse = torch.logsumexp(S, dim=-1)
+    P = _probabilities(S, lse)
+    if dropout_p > 0.0:
+        P = P * _multiplier(P.shape, dropout_p, seed, offset, P.device, stat)
+    out = P.to(q.dtype) @ _expand_kv(v, q.shape[1] // v.shape[1])
+    return out, lse
+
+
+def attention_bwd(
+    dout: Tensor,                         # (B, H, Sq, Dv)
+    q: Tensor, k: Tensor, v: Tensor,
+    out: Tensor,                          # (B, H, Sq, Dv) forward output
+    lse: Tensor,                          # (B, H, Sq) float32
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    seed: Optional[Tensor],
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dq, dk, dv)``."""
+    stat = lse.dtype
+    B, H, Sq, _ = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    groups = H // Hk
+    P = _probabilities(_scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat), lse)
+    Z = _multiplier(P.shape, dropout_p, seed, offset, P.device, stat) if dropout_p > 0.0 else None
+    PZ = P * Z if Z is not None else P
+    dv = PZ.to(q.dtype).transpose(-1, -2) @ dout                       # (B, H, Sk, Dv)
+    dP = (dout @ _expand_kv(v, groups).transpose(-1, -2)).to(stat)     # (B, H, Sq, Sk)
+    if Z is not None:
+        dP = dP * Z
+    dS = (P * (dP - (P * dP).sum(-1, keepdim=True))).to(q.dtype)
+    dq = (dS @ _expand_kv(k, groups)).to(stat) * scale
+    dk = (dS.transpose(-1, -2) @ q).to(stat) * scale                   # (B, H, Sk, D)
+    if groups > 1:
+        dk = dk.reshape(B, Hk, groups, Sk, -1).sum(2)
+        dv = dv.to(stat).reshape(B, Hk, groups, Sk, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
