@@ -10,7 +10,9 @@
 from . import reference, rng
 from .backends import BACKENDS, BackendError, use_backend
 from .info import info
-from .ops import attention, gelu_ffn, layer_norm, rms_norm
+from .ops.attention import attention
+from .ops.gelu_ffn import gelu_ffn
+from .ops.layer_norm import layer_norm, rms_norm
 
 __version__ = "0.1.0"
 

@@ -40,8 +40,8 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def report() -> str:
-    import importlib
-    op_modules = [importlib.import_module(f"fusedformer.ops.{name}") for name in ("attention", "layer_norm", "gelu_ffn")]
+    from .ops import attention, gelu_ffn, layer_norm
+    op_modules = [attention, layer_norm, gelu_ffn]
     lines = ["fusedformer info", ""]
     for k, v in _versions():
         lines.append(f"  {k:<14} {v}")

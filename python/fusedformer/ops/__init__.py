@@ -1,6 +1,5 @@
-"""The fused ops: custom ops, autograd and the functional API, one module per op."""
-from .attention import attention
-from .gelu_ffn import gelu_ffn
-from .layer_norm import layer_norm, rms_norm
+"""The fused ops, one module per op: custom ops, autograd, backend table and functional API.
 
-__all__ = ["attention", "gelu_ffn", "layer_norm", "rms_norm"]
+The functions are exported from the top-level package (``fusedformer.layer_norm`` ...); here the
+names refer to the modules (``fusedformer.ops.layer_norm.TABLE`` ...).
+"""

@@ -1,0 +1,51 @@
+"""Shared fixtures: the backend parametrization (unavailable backends skip with their reason) and
+the ``gpu`` mark. Triton kernels run on the CPU under its interpreter when no GPU is present."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit function is created (fusedformer imports kernels lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedformer  # noqa: E402
+from fusedformer import backends  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a backend's tests put their tensors."""
+    if backend == "cuda":
+        return torch.device("cuda")
+    if backend == "triton":
+        return torch.device("cuda" if HAS_GPU else "cpu")
+    if backend == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+def skip_unless_available(op_module, backend: str) -> torch.device:
+    """Skip (with the backend's own reason) unless ``backend`` can run ``op_module``'s op here."""
+    device = device_for(backend)
+    if backend in ("cuda",) and not HAS_GPU:
+        pytest.skip(f"{backend}: needs a CUDA GPU; none is visible to torch")
+    if backend not in op_module.TABLE:
+        pytest.skip(f"{op_module.OP} has no {backend} implementation yet")
+    why = op_module.TABLE[backend].reasons({"device": device, "probe": True})
+    if why:
+        pytest.skip(f"{backend}: " + "; ".join(why))
+    return device
+
+
+@pytest.fixture(params=list(backends.BACKENDS))
+def backend(request):
+    return request.param
