@@ -6,15 +6,18 @@
     z = ff.gelu_ffn(x, w1, b1, w2, b2, approximate="none")
     with ff.use_backend("reference"): ...
     ff.info()
+    report = ff.convert(model)          # fused drop-ins for torch.nn / Hugging Face BERT, GPT-2 layers
+    layer = ff.nn.TransformerEncoderLayer(512, 8, batch_first=True)
 """
-from . import reference, rng
+from . import nn, reference, rng
 from .backends import BACKENDS, BackendError, use_backend
 from .info import info
+from .integrations import convert, revert
 from .ops.attention import attention
 from .ops.gelu_ffn import gelu_ffn
 from .ops.layer_norm import layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendError", "attention", "gelu_ffn", "info", "layer_norm", "reference",
-           "rms_norm", "rng", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "BackendError", "attention", "convert", "gelu_ffn", "info", "layer_norm", "nn",
+           "reference", "revert", "rms_norm", "rng", "use_backend", "__version__"]

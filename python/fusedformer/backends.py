@@ -79,9 +79,12 @@ def requested_backend(backend: Optional[str] = None) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # What is installed and built. Each returns None when available, else the reason it is not.
-# Results are cached: they do not change within a process.
+# Results are cached: they do not change within a process. Under torch.compile these probes are
+# compile-time constants (`assume_constant_result`): Dynamo runs them once, eagerly, with their
+# string arguments, instead of tracing imports and file reads.
 # ------------------------------------------------------------------------------------------------
 _status_cache: dict[str, Optional[str]] = {}
+_constant = torch._dynamo.assume_constant_result
 
 
 def build_record() -> dict:
@@ -94,6 +97,7 @@ def build_record() -> dict:
         return {}
 
 
+@_constant
 def _native_library_reason() -> Optional[str]:
     if "native" not in _status_cache:
         reason = None
@@ -107,6 +111,7 @@ def _native_library_reason() -> Optional[str]:
     return _status_cache["native"]
 
 
+@_constant
 def native_reason(device_type: str, op: str) -> Optional[str]:
     """Why ``fusedformer._C`` cannot run ``op`` on ``device_type`` ('cpu' or 'cuda'), or None."""
     key = f"native:{device_type}:{op}"
@@ -128,6 +133,7 @@ def native_reason(device_type: str, op: str) -> Optional[str]:
     return _status_cache[key]
 
 
+@_constant
 def triton_reason() -> Optional[str]:
     """Why Triton kernels cannot run at all in this process, or None."""
     if "triton" not in _status_cache:

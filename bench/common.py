@@ -1,0 +1,699 @@
+"""Shared machinery of the benchmark suite: cases and providers, the check against the reference,
+timing, peak memory, measured ceilings, result rows (CSV), the console table and the plots.
+
+The order for every (case, dtype) is llm.c's habit — check, then time:
+
+1. every provider says whether it can take the input at all (a reason if not);
+2. each one that can is run once at a check shape and held to the project's 2x rule against the
+   float64 reference (``tests/numerics.py``, mirrored below so that the installed
+   ``fusedformer-bench`` needs no test folder); one that fails is reported, not timed;
+3. the survivors are timed side by side — on a CPU interleaved round by round in a shuffled order,
+   so that a noisy neighbour hurts every provider alike; on a GPU with ``triton.testing.do_bench``
+   (CUDA events when Triton is absent) — and their peak memory is measured in one extra call.
+
+Nothing here runs at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import gc
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FUSEDFORMER_BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# The project's 2x rule (mirror of tests/numerics.py; keep the two tables in step)
+#
+#   max|out - ref64| <= 2 * max|base - ref64| + ATOL[op][dtype]
+#
+# ref64: the reference in float64; base: the reference in the benchmark dtype. float32 must also meet
+# max|out - ref64| <= F32_ATOL + F32_RTOL[op] * max|ref64|. NaN never passes.
+# ------------------------------------------------------------------------------------------------
+ATOL = {
+    "train": {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3},  # e2e loss (bench only)
+    "layer_norm": {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3},
+    "attention": {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3},
+    "gelu_ffn": {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3},
+}
+F32_ATOL = 1e-5
+F32_RTOL = {"layer_norm": 1e-5, "attention": 2e-5, "gelu_ffn": 5e-5, "train": 1e-4}
+
+
+def rule_2x(name: str, op: str, out: torch.Tensor, ref64: torch.Tensor, base: torch.Tensor,
+            dtype: torch.dtype) -> tuple[Optional[str], float, float]:
+    """Apply the 2x rule to one tensor. Returns ``(failure or None, error, bound)``."""
+    if tuple(out.shape) != tuple(ref64.shape):
+        return f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}", math.inf, 0.0
+    out64 = out.detach().double().cpu()
+    ref = ref64.detach().double().cpu()
+    base64 = base.detach().double().cpu()
+    finite = torch.isfinite(ref)
+    if torch.isnan(out64).any():
+        return f"{name}: NaN in the output", math.inf, 0.0
+    if not torch.equal(torch.isfinite(out64), finite):
+        return f"{name}: non-finite values where the reference is finite (or vice versa)", math.inf, 0.0
+    if not finite.any():
+        return None, 0.0, 0.0
+    err = (out64 - ref)[finite].abs().max().item()
+    bound = 2.0 * (base64 - ref)[finite].abs().max().item() + ATOL[op][dtype]
+    if dtype == torch.float32:
+        bound = min(bound, F32_ATOL + F32_RTOL.get(op, 1e-4) * ref[finite].abs().max().item())
+    if err > bound:
+        return f"{name}: max|out - ref64| = {err:.2e} > bound {bound:.2e}", err, bound
+    return None, err, bound
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases and providers
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One benchmarked configuration of one op."""
+    op: str
+    sweep: str                 # the sweep it belongs to (one plot per sweep)
+    params: dict               # shapes and flags, read by the op module
+    label: str                 # short text for the table
+    x: object                  # the plot's x value (a number, or a name for a categorical sweep)
+    series: str = ""           # the plot panel it goes to within its sweep (say "D=64 causal")
+
+    def config(self) -> str:
+        return " ".join(f"{k}={_fmt_param(v)}" for k, v in self.params.items())
+
+
+def _fmt_param(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return str(v)
+
+
+@dataclass
+class Provider:
+    """Something that computes an op: a fusedformer backend or what a user would use instead.
+
+    ``fn(tensors, params)`` runs the op on the case's tensors (a dict) and returns the output (a
+    tensor or a tuple). ``unavailable(device, dtype, params)`` says why it cannot run here, or None.
+    ``own_rng``: its dropout draws from torch's RNG, so it can only be checked with dropout off."""
+    name: str
+    fn: Callable[[dict, dict], object]
+    unavailable: Callable[[torch.device, torch.dtype, dict], Optional[str]] = lambda d, t, p: None
+    own_rng: bool = False
+
+
+class Unavailable(RuntimeError):
+    """Raised by a provider's ``fn`` when it turns down these particular inputs (with the reason)."""
+
+
+def fusedformer_reason(op_module, backend: str, device: torch.device) -> Optional[str]:
+    """Why a fusedformer backend cannot run ``op_module``'s op on ``device`` at all (not input-specific)."""
+    if backend not in op_module.TABLE:
+        return f"{op_module.OP} has no {backend} implementation yet"
+    why = op_module.TABLE[backend].reasons({"device": device, "probe": True})
+    return "; ".join(why) if why else None
+
+
+def backend_error_reason(exc: Exception, backend: str) -> str:
+    """The line about ``backend`` in a ``BackendError`` message (the whole message if none)."""
+    for line in str(exc).splitlines():
+        if line.strip().startswith(f"{backend}:"):
+            return line.strip()[len(backend) + 1:].strip()
+    return str(exc).strip().splitlines()[0]
+
+
+def select_providers(providers: Sequence[Provider], wanted: Optional[Sequence[str]]) -> list[Provider]:
+    """Keep the providers ``wanted`` names (exactly, or as a prefix before '-': 'sdpa' keeps 'sdpa-math')."""
+    if wanted is None:
+        return list(providers)
+    return [p for p in providers if any(p.name == w or p.name.startswith(w + "-") for w in wanted)]
+
+
+def as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def grad_outputs(outs: Sequence[torch.Tensor], seed: int = 1234) -> list[torch.Tensor]:
+    """Fixed random upstream gradients (never ones: a constant dy hides bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
+
+
+def mode_runner(provider: Provider, tensors: dict, leaves: Sequence[str], params: dict, mode: str) -> Callable[[], object]:
+    """A no-argument function that runs one ``mode`` (fwd, bwd or fwd+bwd) of ``provider``.
+
+    fwd runs the forward with autograd recording, as in training; bwd runs only the backward of one
+    retained forward graph; fwd+bwd runs both."""
+    leaf_ts = [tensors[n] for n in leaves]
+    if mode == "fwd":
+        return lambda: provider.fn(tensors, params)
+    outs = as_tuple(provider.fn(tensors, params))
+    douts = grad_outputs(outs)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(outs, leaf_ts, douts, retain_graph=True)
+    if mode == "fwd+bwd":
+        def fwd_bwd():
+            return torch.autograd.grad(as_tuple(provider.fn(tensors, params)), leaf_ts, douts)
+        return fwd_bwd
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def run_for_check(provider: Provider, tensors: dict, leaves: Sequence[str], params: dict
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Forward and (when there are leaves) backward once: outputs and gradients, detached."""
+    outs = as_tuple(provider.fn(tensors, params))
+    grads = []
+    if leaves:
+        grads = list(torch.autograd.grad(outs, [tensors[n] for n in leaves], grad_outputs(outs),
+                                         allow_unused=True))
+    return [o.detach() for o in outs], [None if g is None else g.detach() for g in grads]
+
+
+def check_provider(op: str, provider: Provider, reference: Provider, make_inputs, params: dict,
+                   dtype: torch.dtype, device: torch.device) -> tuple[Optional[str], str]:
+    """Hold ``provider`` to the 2x rule at ``params``. Returns ``(failure or None, summary)``.
+
+    ``make_inputs(params, dtype, device)`` gives ``(tensors, leaves)``; it is called with
+    float64 on the CPU for the exact reference, and the same values are cast for the other runs."""
+    if provider.own_rng and params.get("dropout_p", 0.0) > 0.0:
+        params = {**params, "dropout_p": 0.0}
+        note = ", dropout off (own RNG)"
+    else:
+        note = ""
+    master, leaves = make_inputs(params, torch.float64, torch.device("cpu"))
+
+    def cast(run_dtype, run_device):
+        out = {}
+        for k, v in master.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                out[k] = v.detach().to(device=run_device, dtype=run_dtype).requires_grad_(k in leaves)
+            elif isinstance(v, torch.Tensor):
+                out[k] = v.to(run_device)
+            else:
+                out[k] = v
+        return out
+
+    outs, grads = run_for_check(provider, cast(dtype, device), leaves, params)
+    base_outs, base_grads = run_for_check(reference, cast(dtype, device), leaves, params)
+    ref_outs, ref_grads = run_for_check(reference, cast(torch.float64, torch.device("cpu")), leaves, params)
+    names = [f"out{i}" for i in range(len(outs))] + [f"d{n}" for n in leaves]
+    worst = 0.0
+    for name, o, r, b in zip(names, outs + grads, ref_outs + ref_grads, base_outs + base_grads):
+        if r is None or o is None:
+            if (r is None) != (o is None):
+                return f"{name}: gradient missing on one side", ""
+            continue
+        failure, err, bound = rule_2x(name, op, o, r, b, dtype)
+        if failure:
+            return failure, ""
+        worst = max(worst, err / bound if bound > 0 else 0.0)
+    return None, f"ok (err <= {worst:.2f} of bound{note})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+
+
+@dataclass
+class TimingBudget:
+    """How long to time each provider. On a CPU each sample repeats the call until it lasts at least
+    ``min_sample_s`` (timer resolution and jitter); samples are taken until ``min_samples`` and
+    ``seconds`` per provider are both reached, or ``max_samples``."""
+    seconds: float
+    min_samples: int = 5
+    max_samples: int = 50
+    min_sample_s: float = 0.005
+    warmup_s: float = 0.02
+
+
+QUICK_BUDGET = TimingBudget(seconds=0.25, min_samples=5, max_samples=30)
+FULL_BUDGET = TimingBudget(seconds=1.0, min_samples=10, max_samples=100)
+
+
+def _quantiles(ts: Sequence[float]) -> Timing:
+    ts = sorted(ts)
+    if len(ts) == 1:
+        return Timing(ts[0] * 1e3, ts[0] * 1e3, ts[0] * 1e3, 1)
+    q = statistics.quantiles(ts, n=10, method="inclusive")  # deciles: q[1] = p20, q[7] = p80
+    return Timing(statistics.median(ts) * 1e3, q[1] * 1e3, q[7] * 1e3, len(ts))
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget: TimingBudget,
+                         seed: int = 0) -> dict[str, object]:
+    """Wall-clock timing of several functions, interleaved: each round times one sample of every
+    function, in a freshly shuffled order. Returns name -> ``Timing`` (or the exception it raised)."""
+    results: dict[str, object] = {}
+    inner: dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            t0 = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t0
+            spent = first
+            while spent < budget.warmup_s:  # warm caches, allocator and any lazy init
+                t0 = time.perf_counter()
+                fn()
+                first = time.perf_counter() - t0
+                spent += first
+            inner[name] = max(1, min(1000, math.ceil(budget.min_sample_s / max(first, 1e-9))))
+        except Exception as exc:  # reported in the row, not raised
+            results[name] = exc
+    live = [n for n in fns if n in inner]
+    samples: dict[str, list[float]] = {n: [] for n in live}
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    with _gc_paused():
+        for rnd in range(budget.max_samples):
+            order = live[:]
+            rng.shuffle(order)
+            for name in order:
+                fn, n = fns[name], inner[name]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / n)
+            if rnd + 1 >= budget.min_samples and time.perf_counter() - start >= budget.seconds * len(live):
+                break
+    for name in live:
+        results[name] = _quantiles(samples[name])
+    return results
+
+
+def time_cuda(fn: Callable[[], object]) -> Timing:
+    """GPU timing: ``triton.testing.do_bench`` (it flushes L2 between calls), median and p20/p80 in ms;
+    CUDA events around each call (with our own L2 flush) when Triton is not installed."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return Timing(median, p20, p80, 0)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(50):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return _quantiles(times)
+
+
+def time_providers(fns: dict[str, Callable[[], object]], device: torch.device, budget: TimingBudget) -> dict[str, object]:
+    """Name -> ``Timing`` or the exception the function raised."""
+    if device.type == "cpu":
+        return time_cpu_interleaved(fns, budget)
+    results = {}
+    for name, fn in fns.items():
+        try:
+            results[name] = time_cuda(fn)
+        except Exception as exc:
+            results[name] = exc
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak memory: the most memory the call holds at once beyond what existed before it
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C-level stderr (the profiler's start/stop chatter) for the duration."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """On CUDA: ``max_memory_allocated`` over the call. On a CPU: the peak of the bytes allocated
+    through torch's CPU allocator during the call and not yet freed, from the profiler's
+    allocation events (memory a kernel takes outside torch's allocator is not seen)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            f = node.extra_fields
+            events.append((node.start_time_ns, f.alloc_size, f.ptr))
+    events.sort(key=lambda e: e[0])
+    live, current, peak = {}, 0, 0
+    for _, size, ptr in events:
+        if size > 0:
+            live[ptr] = size
+            current += size
+            peak = max(peak, current)
+        elif ptr in live:  # frees of memory allocated before the call do not count
+            current -= live.pop(ptr)
+    return peak
+
+
+# ------------------------------------------------------------------------------------------------
+# Ceilings measured on the machine at hand
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Ceilings:
+    copy_gbps: float                                   # a large device-to-device copy, read + write
+    matmul_tflops: dict = field(default_factory=dict)  # dtype -> a large square matmul
+    notes: str = ""
+
+
+def measure_ceilings(device: torch.device, dtypes: Sequence[torch.dtype], budget: TimingBudget) -> Ceilings:
+    if device.type == "cuda":
+        copy_bytes, n = 2**30, 8192
+    else:  # past the last-level cache, and short enough for --quick
+        copy_bytes, n = 256 * 2**20, 1024
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    fns = {"copy": lambda: dst.copy_(src)}
+    mats = {}
+    for dt in dtypes:
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        mats[dt] = (a, b)
+        fns[f"mm:{DTYPE_NAMES[dt]}"] = (lambda a=a, b=b: torch.mm(a, b))
+    timings = time_providers(fns, device, budget)
+    # The ceiling is the best a kernel can do: take the fast end of the distribution (p20).
+    copy_t = timings["copy"]
+    ceil = Ceilings(copy_gbps=2 * copy_bytes / (copy_t.p20_ms * 1e-3) / 1e9,
+                    notes=f"copy {copy_bytes >> 20} MiB; matmul {n}x{n}x{n}")
+    for dt in dtypes:
+        t = timings[f"mm:{DTYPE_NAMES[dt]}"]
+        ceil.matmul_tflops[dt] = 2 * n**3 / (t.p20_ms * 1e-3) / 1e12
+    del src, dst, mats
+    return ceil
+
+
+# ------------------------------------------------------------------------------------------------
+# The environment every row records
+# ------------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_sha() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": _git_sha(),
+        "device": name,
+        "device_kind": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows, CSV, console table
+# ------------------------------------------------------------------------------------------------
+FIELDS = ["date", "git_sha", "device", "device_kind", "torch", "triton", "cuda", "op", "sweep", "config",
+          "dtype", "mode", "provider", "status", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
+          "pct_of_ceiling", "ceiling", "peak_mem_mb", "baseline", "speedup", "check", "samples"]
+
+
+def append_csv(path: Path, rows: Sequence[dict]) -> None:
+    """Append rows; the header is written when the file is new, and must match when it is not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            raise RuntimeError(f"{path} has other columns than this version of the suite writes; "
+                               "move it aside (or pass --results DIR)")
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in FIELDS})
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def add_speedups(rows: list[dict], baseline: str) -> None:
+    """speedup = baseline's median / the provider's median, within the same op, config, dtype and mode."""
+    base = {}
+    for r in rows:
+        if r["provider"] == baseline and r.get("median_ms"):
+            base[(r["op"], r["config"], r["dtype"], r["mode"])] = r["median_ms"]
+    for r in rows:
+        b = base.get((r["op"], r["config"], r["dtype"], r["mode"]))
+        r["baseline"] = baseline
+        if b and r.get("median_ms"):
+            r["speedup"] = b / r["median_ms"]
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """One block per (op, sweep, dtype, mode): a line per config and provider."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["sweep"], r["dtype"], r["mode"]), []).append(r)
+    for (op, sweep, dtype, mode), rs in groups.items():
+        unit = next((r["unit"] for r in rs if r.get("unit")), "")
+        base = next((r["baseline"] for r in rs if r.get("baseline")), "")
+        out.append("")
+        out.append(f"== {op} / {sweep} / {dtype} / {mode}   (speedup = {base} median / provider median)")
+        head = ["config", "provider", "median ms", "p20-p80 ms", unit, "% ceil", "peak MB", "speedup"]
+        lines = [head]
+        for r in rs:
+            if r["status"] != "ok":
+                lines.append([r["config"], r["provider"], r["status"]])
+                continue
+            lines.append([r["config"], r["provider"], _fmt(r["median_ms"]),
+                          f"{_fmt(r['p20_ms'])}-{_fmt(r['p80_ms'])}", _fmt(r["throughput"]),
+                          _fmt(r["pct_of_ceiling"], 2), _fmt(r["peak_mem_mb"]),
+                          (_fmt(r["speedup"]) + "x") if r.get("speedup") else ""])
+        widths = [max(len(l[i]) for l in lines if len(l) > i and len(l) > 3) for i in range(len(head))]
+        for l in lines:
+            if len(l) == 3:  # a provider that was not timed: its status runs to the end of the line
+                out.append("  " + "  ".join([l[0].ljust(widths[0]), l[1].ljust(widths[1]), l[2]]))
+            else:
+                out.append("  " + "  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip())
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel-benchmark driver shared by attention, layer_norm and gelu_ffn
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class OpBench:
+    """What a bench_<op>.py module hands the driver."""
+    op: str
+    unit: str                                        # "TFLOP/s" or "GB/s"
+    cases: Callable[[str, torch.device], list[Case]]  # (size, device) -> cases
+    providers: Callable[[torch.device], list[Provider]]
+    make_inputs: Callable[[dict, torch.dtype, torch.device], tuple[dict, list[str]]]
+    work: Callable[[dict, str, torch.dtype], float]   # FLOPs or bytes of one call of a mode
+    check_params: Callable[[dict], dict] = lambda p: p
+    modes: Sequence[str] = MODES
+
+
+def _short_error(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    text = msg[0] if msg else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:160]
+
+
+def status_of(exc: BaseException, provider: str) -> str:
+    """The row status for a provider that raised ``exc``."""
+    from fusedformer.backends import BackendError
+
+    if isinstance(exc, BackendError):
+        return f"unavailable: {backend_error_reason(exc, provider)}"
+    if isinstance(exc, Unavailable):
+        return f"unavailable: {exc}"
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory"
+    return f"error: {_short_error(exc)}"
+
+
+def run_op(bench: OpBench, *, size: str, device: torch.device, dtypes: Sequence[torch.dtype],
+           wanted: Optional[Sequence[str]], budget: TimingBudget, ceilings: Ceilings, env: dict,
+           modes: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Check, then time, every provider on every case, dtype and mode. Returns result rows."""
+    rows: list[dict] = []
+    modes = [m for m in (modes or bench.modes) if m in bench.modes]
+    providers = select_providers(bench.providers(device), wanted)
+    reference = next(p for p in bench.providers(device) if p.name == "reference")
+    checked: dict[tuple, tuple[Optional[str], str]] = {}
+    for case in bench.cases(size, device):
+        for dtype in dtypes:
+            dname = DTYPE_NAMES[dtype]
+            log(f"  {bench.op} {case.sweep}: {case.label} {dname}")
+            row0 = dict(env, op=bench.op, sweep=case.sweep, config=case.config(), dtype=dname, unit=bench.unit)
+            status: dict[str, str] = {}
+            check_text: dict[str, str] = {}
+            ready: list[Provider] = []
+            for p in providers:
+                why = p.unavailable(device, dtype, case.params)
+                if why:
+                    status[p.name] = f"unavailable: {why}"
+                    continue
+                cparams = bench.check_params(case.params)
+                key = (p.name, dname, tuple(sorted(cparams.items())))
+                if key not in checked:
+                    try:
+                        failure, text = check_provider(bench.op, p, reference, bench.make_inputs, cparams, dtype, device)
+                        checked[key] = (None if failure is None else f"check failed: {failure}", text)
+                    except Exception as exc:
+                        checked[key] = (status_of(exc, p.name), "")
+                failure, text = checked[key]
+                if failure:
+                    status[p.name] = failure
+                    continue
+                check_text[p.name] = text + ("" if cparams == case.params else " at a smaller shape")
+                ready.append(p)
+            for mode in modes:
+                mode_rows = {p.name: dict(row0, mode=mode, provider=p.name, status=status.get(p.name, "ok"),
+                                          check=check_text.get(p.name, "")) for p in providers}
+                tensors, leaves = {}, []
+                fns: dict[str, Callable] = {}
+                try:
+                    tensors, leaves = bench.make_inputs(case.params, dtype, device)
+                except torch.OutOfMemoryError:
+                    for p in ready:
+                        mode_rows[p.name]["status"] = "out of memory (inputs)"
+                    ready_now = []
+                else:
+                    ready_now = ready
+                for p in ready_now:
+                    try:
+                        fns[p.name] = mode_runner(p, tensors, leaves, case.params, mode)
+                    except Exception as exc:
+                        mode_rows[p.name]["status"] = status_of(exc, p.name)
+                timings = time_providers(fns, device, budget) if fns else {}
+                work = bench.work(case.params, mode, dtype)
+                for name, t in timings.items():
+                    r = mode_rows[name]
+                    if isinstance(t, BaseException):
+                        r["status"] = status_of(t, name)
+                        continue
+                    r.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, samples=t.samples)
+                    if bench.unit == "TFLOP/s":
+                        r["throughput"] = work / (t.median_ms * 1e-3) / 1e12
+                        ceiling = ceilings.matmul_tflops.get(dtype)
+                    else:
+                        r["throughput"] = work / (t.median_ms * 1e-3) / 1e9
+                        ceiling = ceilings.copy_gbps
+                    if ceiling:
+                        r["ceiling"] = ceiling
+                        r["pct_of_ceiling"] = 100.0 * r["throughput"] / ceiling
+                    try:
+                        r["peak_mem_mb"] = peak_memory_bytes(fns[name], device) / 2**20
+                    except Exception as exc:  # memory is a side measurement: note it, keep the timing
+                        r["check"] = (r["check"] + f"; peak memory not measured ({_short_error(exc)})").strip("; ")
+                rows.extend(mode_rows.values())
+                del fns, tensors
+                gc.collect()
+    return rows

@@ -1,0 +1,497 @@
+// attention on the CPU: the math is in attention.h.
+//
+// Tiling. The forward walks one tile of BQ query rows at a time against tiles of BK keys:
+//   S = scale * Q_i K_j^T                  (BLAS, BQ x BK, float32)
+//   S += bias; online-softmax step         (vectorized passes over the tile, still in L1/L2)
+//   acc = acc * alpha + (P Z) V_j          (BLAS, BQ x Dv)
+// so memory is O(threads * BQ * BK) on top of the inputs and outputs. Work items are
+// (batch, head, query tile), handed to torch's intra-op threads from a shared counter (a causal
+// problem's tiles differ in cost; the costliest go first).
+//
+// The backward is FlashAttention-2's: P is recomputed from the saved lse, delta = rowsum(dO * O)
+// is computed first, and a work item owns (batch, key/value head, a set of key tiles). For each
+// of its key tiles it loops over the query heads of the group and over the query tiles,
+//   S, P; dP = dO_i V_j^T; dV_j += (P Z)^T dO_i; dS = P (dP Z - delta);
+//   dK_j += scale dS^T Q_i; dQ_i += scale dS K_j,
+// so dK_j / dV_j are finished in one item (no races) and dQ goes to a float32 buffer per "key
+// chunk". There is one chunk when batch x kv-heads alone keeps the threads busy; otherwise the
+// key tiles are dealt round-robin to a few chunks (which also balances causal work) and their dQ
+// buffers are added in chunk order. Results never depend on which thread ran which item.
+//
+// GEMMs on tiles go to torch's BLAS (MKL / OpenBLAS through at::addmm_ on views of the tiles,
+// single-threaded inside the parallel region); the element-wise passes are plain loops that GCC
+// vectorizes (`omp simd`, multi-versioned by FF_CPU_CLONES), with a polynomial exp.
+// bfloat16 / float16 inputs are converted to float32 once (O(S D) memory) and the outputs rounded
+// once at the end; the additive mask is read in its own dtype, row by row, through its strides.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention/attention.h"
+#include "common/cpu.h"
+
+namespace ff::attention {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on tiles
+// ---------------------------------------------------------------------------------------------
+// Row-major C (m x n, row stride ldc) = alpha * op(A) op(B) + beta * C, where op(A) is m x k
+// (A stored m x k, or k x m when trans_a) and op(B) is k x n (B stored k x n, or n x k when
+// trans_b); every stored matrix has unit column stride. beta = 0 ignores C's contents.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto view = [&](const float* ptr, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<float*>(ptr), {rows, cols}, {ld, 1}, opts);
+  };
+  const at::Tensor A = trans_a ? view(a, k, m, lda).t() : view(a, m, k, lda);
+  const at::Tensor Bm = trans_b ? view(b, n, k, ldb).t() : view(b, k, n, ldb);
+  at::Tensor C = view(c, m, n, ldc);
+  C.addmm_(A, Bm, beta, alpha);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise passes (float32, multi-versioned)
+// ---------------------------------------------------------------------------------------------
+// exp(x) in plain arithmetic that vectorizes: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split
+// of ln2), exp(r) by Cephes' degree-6 polynomial (relative error ~1e-7), 2^n through the exponent
+// bits. x < -87 (including -inf) gives exactly 0; scores are <= 0 after the max is taken off.
+__attribute__((always_inline)) inline float exp_f32(float x) {
+  const float xc = std::min(std::max(x, -87.f), 88.f);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float e = y * std::bit_cast<float>(bits);
+  return x < -87.f ? 0.f : e;
+}
+
+FF_CPU_CLONES float row_max(const float* x, int64_t n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x = exp(x - m); returns the sum of the new x.
+FF_CPU_CLONES float row_exp_sum(float* x, int64_t n, float m) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_f32(x[j] - m);
+    x[j] = e;
+    s += e;
+  }
+  return s;
+}
+
+// x = exp(x - m)
+FF_CPU_CLONES void row_exp(float* x, int64_t n, float m) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_f32(x[j] - m);
+}
+
+FF_CPU_CLONES void row_scale(float* x, int64_t n, float a) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+FF_CPU_CLONES void row_add(float* x, const float* b, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] += b[j];
+}
+
+// out = x * z
+FF_CPU_CLONES void row_mul(const float* x, const float* z, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = x[j] * z[j];
+}
+
+// dp = p * (dp - delta)
+FF_CPU_CLONES void row_dsoftmax(float* dp, const float* p, float delta, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+}
+
+FF_CPU_CLONES float row_dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// out = a * s   (out may be strided elsewhere; n contiguous elements)
+FF_CPU_CLONES void row_scaled_copy(const float* a, float s, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = a[j] * s;
+}
+
+// x += mask[j * stride], the mask in its own dtype.
+template <typename M>
+void add_mask_row_typed(float* x, const M* mask, int64_t stride, int64_t n) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < n; ++j) x[j] += static_cast<float>(mask[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] += static_cast<float>(mask[j * stride]);
+  }
+}
+
+void add_mask_row(float* x, const void* mask, c10::ScalarType t, int64_t stride, int64_t n) {
+  switch (t) {
+    case c10::kFloat: add_mask_row_typed(x, static_cast<const float*>(mask), stride, n); break;
+    case c10::kBFloat16: add_mask_row_typed(x, static_cast<const c10::BFloat16*>(mask), stride, n); break;
+    case c10::kHalf: add_mask_row_typed(x, static_cast<const c10::Half*>(mask), stride, n); break;
+    default: TORCH_CHECK(false, "attention: unsupported attn_mask dtype ", t);
+  }
+}
+
+// z[c] = dropout multiplier (0 or 1 / (1 - p)) of logical element first + c, for c < n. Whole
+// Philox blocks (four draws each) are generated in a vectorizable loop; ragged ends one by one.
+FF_CPU_CLONES void dropout_row(const DropoutParams& d, uint64_t first, float* z, int64_t n) {
+  const uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
+  const uint32_t thr = d.threshold;
+  const float keep = d.scale;
+  const uint64_t i0 = d.offset + first;  // the counter index of z[0]
+  int64_t c = 0;
+  for (; c < n && ((i0 + static_cast<uint64_t>(c)) & 3); ++c) z[c] = dropout_multiplier(d, first + c);
+  const int64_t blocks = (n - c) / 4;
+  const uint64_t block0 = (i0 + static_cast<uint64_t>(c)) >> 2;
+  float* zb = z + c;
+#pragma omp simd
+  for (int64_t t = 0; t < blocks; ++t) {
+    const uint64_t blk = block0 + static_cast<uint64_t>(t);
+    const Philox4 w = philox4x32_10(static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32), k0, k1);
+    zb[4 * t + 0] = w.w[0] >= thr ? keep : 0.f;
+    zb[4 * t + 1] = w.w[1] >= thr ? keep : 0.f;
+    zb[4 * t + 2] = w.w[2] >= thr ? keep : 0.f;
+    zb[4 * t + 3] = w.w[3] >= thr ? keep : 0.f;
+  }
+  for (c += 4 * blocks; c < n; ++c) z[c] = dropout_multiplier(d, first + c);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work distribution
+// ---------------------------------------------------------------------------------------------
+// Runs body(task, scratch) for every task in [0, ntasks) on torch's intra-op threads; each worker
+// builds its scratch once and takes tasks from a shared counter until none are left.
+template <typename MakeScratch, typename Body>
+void run_tasks(int64_t ntasks, const MakeScratch& make_scratch, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) body(t, scratch);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masking of one score tile: rows q0 .. q0 + mq - 1, keys k0 .. k0 + nk - 1, row stride ld.
+// ---------------------------------------------------------------------------------------------
+struct TileMask {
+  const Problem& pb;
+  int64_t b, h;
+
+  // kbias[j] = -inf where key k0 + j is padding, else 0. Returns false when every key is padding
+  // (the tile contributes nothing). Without a key_padding_mask, kbias is untouched.
+  bool key_bias(int64_t k0, int64_t nk, float* kbias) const {
+    if (!pb.key_padding) return true;
+    const bool* pad = pb.key_padding + b * pb.Sk + k0;
+    bool any = false;
+    for (int64_t j = 0; j < nk; ++j) {
+      kbias[j] = pad[j] ? kNegInf : 0.f;
+      any |= !pad[j];
+    }
+    return any;
+  }
+
+  void apply(float* s, int64_t ld, int64_t q0, int64_t mq, int64_t k0, int64_t nk, const float* kbias) const {
+    for (int64_t i = 0; i < mq; ++i) {
+      float* row = s + i * ld;
+      if (pb.mask.ptr) {
+        const int64_t elem = pb.mask_dtype == c10::kFloat ? 4 : 2;
+        const char* base = static_cast<const char*>(pb.mask.ptr) +
+                           elem * (b * pb.mask.stride_b + h * pb.mask.stride_h + (q0 + i) * pb.mask.stride_s +
+                                   k0 * pb.mask_stride_k);
+        add_mask_row(row, base, pb.mask_dtype, pb.mask_stride_k, nk);
+      }
+      if (pb.key_padding) row_add(row, kbias, nk);
+      if (pb.causal) {  // key j is visible to query q0 + i iff j <= q0 + i
+        const int64_t visible = std::clamp<int64_t>(q0 + i - k0 + 1, 0, nk);
+        std::fill(row + visible, row + nk, kNegInf);
+      }
+    }
+  }
+};
+
+const float* f32(const Strided4& t, int64_t b, int64_t h, int64_t s) {
+  return static_cast<const float*>(t.ptr) + b * t.stride_b + h * t.stride_h + s * t.stride_s;
+}
+float* f32_mut(const Strided4& t, int64_t b, int64_t h, int64_t s) {
+  return static_cast<float*>(t.ptr) + b * t.stride_b + h * t.stride_h + s * t.stride_s;
+}
+
+// Tile sizes: BQ query rows x BK keys. The score tile (and, backward, its companions) should stay
+// in L2; BLAS wants them not too thin.
+struct Tiles {
+  int64_t bq, bk;
+};
+Tiles forward_tiles(const Problem& pb) { return {std::min<int64_t>(pb.Sq, 64), std::min<int64_t>(pb.Sk, 256)}; }
+Tiles backward_tiles(const Problem& pb) { return {std::min<int64_t>(pb.Sq, 64), std::min<int64_t>(pb.Sk, 128)}; }
+
+// ---------------------------------------------------------------------------------------------
+// forward (float32 q, k, v, out)
+// ---------------------------------------------------------------------------------------------
+struct FwdScratch {
+  std::vector<float> s, acc, m, l, kbias, z;
+};
+
+void forward_f32(const FwdParams& p) {
+  const Problem& pb = p.pb;
+  const int64_t H = pb.H, Sq = pb.Sq, Sk = pb.Sk, D = pb.D, Dv = pb.Dv, group = pb.H / pb.Hk;
+  const auto [BQ, BK] = forward_tiles(pb);
+  const int64_t nqb = ceil_div(Sq, BQ);
+
+  auto make_scratch = [&] {
+    FwdScratch w;
+    w.s.resize(BQ * BK);
+    w.acc.resize(BQ * Dv);
+    w.m.resize(BQ);
+    w.l.resize(BQ);
+    w.kbias.resize(BK);
+    w.z.resize(pb.dropout.enabled ? BK : 0);
+    return w;
+  };
+
+  run_tasks(pb.B * H * nqb, make_scratch, [&](int64_t task, FwdScratch& w) {
+    const int64_t bh = task / nqb;
+    const int64_t qb = nqb - 1 - task % nqb;  // the last (under is_causal, costliest) tiles first
+    const int64_t b = bh / H, h = bh % H, hk = h / group;
+    const int64_t q0 = qb * BQ, mq = std::min(BQ, Sq - q0);
+    const TileMask mask{pb, b, h};
+    const float* Q = f32(pb.q, b, h, q0);
+    std::fill(w.acc.begin(), w.acc.begin() + mq * Dv, 0.f);
+    std::fill(w.m.begin(), w.m.end(), kNegInf);
+    std::fill(w.l.begin(), w.l.end(), 0.f);
+    const int64_t kend = pb.causal ? std::min(Sk, q0 + mq) : Sk;
+
+    for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+      const int64_t nk = std::min(BK, kend - k0);
+      if (!mask.key_bias(k0, nk, w.kbias.data())) continue;
+      float* s = w.s.data();
+      gemm(false, true, mq, nk, D, pb.scale, Q, pb.q.stride_s, f32(pb.k, b, hk, k0), pb.k.stride_s, 0.f, s, BK);
+      mask.apply(s, BK, q0, mq, k0, nk, w.kbias.data());
+      for (int64_t i = 0; i < mq; ++i) {
+        float* row = s + i * BK;
+        const float m_new = std::max(w.m[i], row_max(row, nk));
+        if (m_new == kNegInf) {  // nothing visible to this row yet
+          std::fill(row, row + nk, 0.f);
+          continue;
+        }
+        const float alpha = exp_f32(w.m[i] - m_new);  // 0 on the first visible tile
+        w.l[i] = w.l[i] * alpha + row_exp_sum(row, nk, m_new);
+        w.m[i] = m_new;
+        if (alpha != 1.f) row_scale(w.acc.data() + i * Dv, Dv, alpha);
+        if (pb.dropout.enabled) {
+          const uint64_t first = static_cast<uint64_t>(((b * H + h) * Sq + q0 + i) * Sk + k0);
+          dropout_row(pb.dropout, first, w.z.data(), nk);
+          row_mul(row, w.z.data(), row, nk);
+        }
+      }
+      gemm(false, false, mq, Dv, nk, 1.f, s, BK, f32(pb.v, b, hk, k0), pb.v.stride_s, 1.f, w.acc.data(), Dv);
+    }
+
+    float* lse = p.lse + (b * H + h) * Sq + q0;
+    for (int64_t i = 0; i < mq; ++i) {
+      const bool empty = w.l[i] == 0.f;
+      lse[i] = empty ? kNegInf : w.m[i] + std::log(w.l[i]);
+      row_scaled_copy(w.acc.data() + i * Dv, empty ? 0.f : 1.f / w.l[i], f32_mut(p.out, b, h, q0 + i), Dv);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward (float32 q, k, v, dout, out, dq, dk, dv)
+// ---------------------------------------------------------------------------------------------
+struct BwdScratch {
+  std::vector<float> p, dp, pz, dk, dv, kbias, z;
+};
+
+void backward_f32(const BwdParams& p) {
+  const Problem& pb = p.pb;
+  const int64_t B = pb.B, H = pb.H, Hk = pb.Hk, Sq = pb.Sq, Sk = pb.Sk, D = pb.D, Dv = pb.Dv;
+  const int64_t group = H / Hk;
+  const auto [BQ, BK] = backward_tiles(pb);
+  const int64_t nkb = ceil_div(Sk, BK);
+  const float scale = pb.scale;
+
+  // delta_i = rowsum(dO * O), one float per query row.
+  std::vector<float> delta(B * H * Sq);
+  at::parallel_for(0, B * H * Sq, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % Sq, bh = r / Sq;
+      delta[r] = row_dot(f32(p.dout, bh / H, bh % H, i), f32(p.out, bh / H, bh % H, i), Dv);
+    }
+  });
+
+  // Key chunks: enough work items for the threads; dQ gets one float32 buffer per chunk.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = B * Hk >= 4 * threads ? 1 : std::min(nkb, ceil_div(4 * threads, B * Hk));
+  at::Tensor dq_acc = at::zeros({chunks, B, H, Sq, D}, at::TensorOptions().dtype(at::kFloat));
+  float* dq_part = dq_acc.data_ptr<float>();
+
+  auto make_scratch = [&] {
+    BwdScratch w;
+    w.p.resize(BQ * BK);
+    w.dp.resize(BQ * BK);
+    w.pz.resize(pb.dropout.enabled ? BQ * BK : 0);
+    w.dk.resize(BK * D);
+    w.dv.resize(BK * Dv);
+    w.kbias.resize(BK);
+    w.z.resize(pb.dropout.enabled ? BK : 0);
+    return w;
+  };
+
+  run_tasks(B * Hk * chunks, make_scratch, [&](int64_t task, BwdScratch& w) {
+    const int64_t chunk = task % chunks, bhk = task / chunks;
+    const int64_t b = bhk / Hk, hk = bhk % Hk;
+    float* dq_chunk = dq_part + chunk * B * H * Sq * D;
+    for (int64_t kb = chunk; kb < nkb; kb += chunks) {
+      const int64_t k0 = kb * BK, nk = std::min(BK, Sk - k0);
+      const float* K = f32(pb.k, b, hk, k0);
+      const float* V = f32(pb.v, b, hk, k0);
+      std::fill(w.dk.begin(), w.dk.end(), 0.f);
+      std::fill(w.dv.begin(), w.dv.end(), 0.f);
+      const bool visible = TileMask{pb, b, 0}.key_bias(k0, nk, w.kbias.data());
+      for (int64_t h = hk * group; visible && h < (hk + 1) * group; ++h) {
+        const TileMask mask{pb, b, h};
+        const int64_t qstart = pb.causal ? (k0 / BQ) * BQ : 0;  // rows before k0 see none of these keys
+        for (int64_t q0 = qstart; q0 < Sq; q0 += BQ) {
+          const int64_t mq = std::min(BQ, Sq - q0);
+          const float* Q = f32(pb.q, b, h, q0);
+          const float* dO = f32(p.dout, b, h, q0);
+          const float* lse = p.lse + (b * H + h) * Sq + q0;
+          const float* dlt = delta.data() + (b * H + h) * Sq + q0;
+          float* P = w.p.data();
+          float* dP = w.dp.data();
+          gemm(false, true, mq, nk, D, scale, Q, pb.q.stride_s, K, pb.k.stride_s, 0.f, P, BK);
+          mask.apply(P, BK, q0, mq, k0, nk, w.kbias.data());
+          for (int64_t i = 0; i < mq; ++i) {
+            if (lse[i] == kNegInf) std::fill(P + i * BK, P + i * BK + nk, 0.f);  // fully masked row
+            else row_exp(P + i * BK, nk, lse[i]);
+          }
+          gemm(false, true, mq, nk, Dv, 1.f, dO, p.dout.stride_s, V, pb.v.stride_s, 0.f, dP, BK);
+          const float* PZ = P;
+          if (pb.dropout.enabled) {
+            for (int64_t i = 0; i < mq; ++i) {
+              const uint64_t first = static_cast<uint64_t>(((b * H + h) * Sq + q0 + i) * Sk + k0);
+              dropout_row(pb.dropout, first, w.z.data(), nk);
+              row_mul(P + i * BK, w.z.data(), w.pz.data() + i * BK, nk);
+              row_mul(dP + i * BK, w.z.data(), dP + i * BK, nk);
+            }
+            PZ = w.pz.data();
+          }
+          gemm(true, false, nk, Dv, mq, 1.f, PZ, BK, dO, p.dout.stride_s, 1.f, w.dv.data(), Dv);
+          for (int64_t i = 0; i < mq; ++i) row_dsoftmax(dP + i * BK, P + i * BK, dlt[i], nk);
+          gemm(true, false, nk, D, mq, scale, dP, BK, Q, pb.q.stride_s, 1.f, w.dk.data(), D);
+          gemm(false, false, mq, D, nk, scale, dP, BK, K, pb.k.stride_s, 1.f,
+               dq_chunk + ((b * H + h) * Sq + q0) * D, D);
+        }
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        std::memcpy(f32_mut(p.dk, b, hk, k0 + j), w.dk.data() + j * D, D * sizeof(float));
+        std::memcpy(f32_mut(p.dv, b, hk, k0 + j), w.dv.data() + j * Dv, Dv * sizeof(float));
+      }
+    }
+  });
+
+  // dQ = the chunk buffers added in chunk order.
+  at::parallel_for(0, B * H * Sq, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* dst = f32_mut(p.dq, r / (H * Sq), (r / Sq) % H, r % Sq);
+      std::memcpy(dst, dq_part + r * D, D * sizeof(float));
+      for (int64_t c = 1; c < chunks; ++c) row_add(dst, dq_part + (c * B * H * Sq + r) * D, D);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Low-precision inputs: float32 copies in, one rounding out.
+// ---------------------------------------------------------------------------------------------
+at::Tensor wrap(const Strided4& t, int64_t d0, int64_t d1, int64_t d2, int64_t d3, c10::ScalarType dtype) {
+  return at::from_blob(t.ptr, {d0, d1, d2, d3}, {t.stride_b, t.stride_h, t.stride_s, 1},
+                       at::TensorOptions().dtype(dtype));
+}
+
+Strided4 strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+at::Tensor to_f32(const Strided4& t, int64_t d0, int64_t d1, int64_t d2, int64_t d3, c10::ScalarType dtype) {
+  return wrap(t, d0, d1, d2, d3, dtype).to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+void fwd_cpu(const FwdParams& p) {
+  const Problem& pb = p.pb;
+  if (pb.dtype == c10::kFloat) return forward_f32(p);
+  TORCH_CHECK_TYPE(pb.dtype == c10::kBFloat16 || pb.dtype == c10::kHalf, "attention: unsupported dtype ", pb.dtype);
+  const at::Tensor q = to_f32(pb.q, pb.B, pb.H, pb.Sq, pb.D, pb.dtype);
+  const at::Tensor k = to_f32(pb.k, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype);
+  const at::Tensor v = to_f32(pb.v, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype);
+  at::Tensor out = at::empty({pb.B, pb.H, pb.Sq, pb.Dv}, at::TensorOptions().dtype(at::kFloat));
+  FwdParams f = p;
+  f.pb.q = strided(q);
+  f.pb.k = strided(k);
+  f.pb.v = strided(v);
+  f.out = strided(out);
+  forward_f32(f);
+  wrap(p.out, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype).copy_(out);
+}
+
+void bwd_cpu(const BwdParams& p) {
+  const Problem& pb = p.pb;
+  if (pb.dtype == c10::kFloat) return backward_f32(p);
+  TORCH_CHECK_TYPE(pb.dtype == c10::kBFloat16 || pb.dtype == c10::kHalf, "attention: unsupported dtype ", pb.dtype);
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor q = to_f32(pb.q, pb.B, pb.H, pb.Sq, pb.D, pb.dtype);
+  const at::Tensor k = to_f32(pb.k, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype);
+  const at::Tensor v = to_f32(pb.v, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype);
+  const at::Tensor dout = to_f32(p.dout, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype);
+  const at::Tensor out = to_f32(p.out, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype);
+  at::Tensor dq = at::empty({pb.B, pb.H, pb.Sq, pb.D}, opts);
+  at::Tensor dk = at::empty({pb.B, pb.Hk, pb.Sk, pb.D}, opts);
+  at::Tensor dv = at::empty({pb.B, pb.Hk, pb.Sk, pb.Dv}, opts);
+  BwdParams f = p;
+  f.pb.q = strided(q);
+  f.pb.k = strided(k);
+  f.pb.v = strided(v);
+  f.dout = strided(dout);
+  f.out = strided(out);
+  f.dq = strided(dq);
+  f.dk = strided(dk);
+  f.dv = strided(dv);
+  backward_f32(f);
+  wrap(p.dq, pb.B, pb.H, pb.Sq, pb.D, pb.dtype).copy_(dq);
+  wrap(p.dk, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype).copy_(dk);
+  wrap(p.dv, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype).copy_(dv);
+}
+
+}  // namespace ff::attention

@@ -1,0 +1,95 @@
+"""Pieces shared by the Triton kernels: the project's dropout RNG in Triton, and launch helpers.
+
+Dropout (the mapping is written down once, in ``fusedformer.rng``): element ``i = offset + n`` of a
+dropout site, with ``n`` its row-major index in the logical tensor, is kept iff
+
+    Philox4x32_10(counter=(lo32(i >> 2), hi32(i >> 2), 0, 0), key=(lo32(seed), hi32(seed)))[i & 3]
+        >= floor(p * 2**32)
+
+``tl.philox(seed, c0, c1, 0, 0)`` computes exactly those four words (checked against
+``fusedformer.rng`` in tests/test_triton.py). :func:`dropout_keep` evaluates one Philox block per
+element and picks the word; four neighbouring elements therefore repeat the same block — simple
+and layout-independent, at four times the minimum integer work (a GPU-tuning item, see
+docs/triton_kernels.md).
+
+Everything here is defined at import; nothing runs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def seed_value(seed) -> int:
+    """The launcher-side seed: ``None`` (no dropout) or a (1,) int64 CPU tensor, as a Python int."""
+    return 0 if seed is None else int(seed.reshape(-1)[0])
+
+
+def dropout_constants(p: float) -> tuple[int, float]:
+    """``(threshold, keep_scale)`` for dropout probability ``p`` (see ``fusedformer.rng``)."""
+    if p <= 0.0:
+        return 0, 1.0
+    return int(p * 4294967296.0), 1.0 / (1.0 - p)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision``: full IEEE float32 products for float32 inputs (TF32 would
+    miss the float32 tolerance), the default for 16-bit inputs (where the argument is ignored)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (a small constant in the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def dropout_keep(
+    seed,          # scalar int: the dropout seed (64-bit)
+    idx,           # int64 tensor: offset + logical element index n, any shape
+    threshold,     # scalar int: floor(p * 2**32); an element is kept iff its draw >= threshold
+):
+    """Boolean keep-mask of ``idx``'s shape (``fusedformer.rng``'s mapping)."""
+    block = idx >> 2
+    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, 0, 0)
+    word = idx & 3
+    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return r >= tl.to_tensor(threshold).to(tl.uint32)
+
+
+# The CPU interpreter converts float32 -> bfloat16 by truncation (a GPU rounds to nearest even);
+# `round_to` corrects that so interpreter runs round like the GPU and like torch.
+_INTERPRETING = tl.constexpr(interpreting())
+
+
+@triton.jit
+def round_to(
+    x,                      # float32 tensor
+    dtype: tl.constexpr,    # target dtype (float16, bfloat16 or float32)
+):
+    """``x`` rounded to ``dtype``, to nearest even (as torch's ``.to(dtype)`` rounds)."""
+    if dtype == tl.bfloat16:
+        if _INTERPRETING:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(dtype)
+    else:
+        return x.to(dtype)

@@ -1,0 +1,144 @@
+"""``convert()`` / ``revert()``: swap supported layers of an existing model for fused ones, in place.
+
+How it works: every fused class subclasses the class it replaces and overrides ``forward`` only
+(see ``fusedformer.nn._base``). Converting a module sets its ``__class__`` to the fused subclass;
+nothing else about the module changes — the same parameter objects, buffers, submodules, hooks and
+``state_dict`` keys — so optimizers, tied weights, ``save_pretrained`` / ``from_pretrained`` and
+``load_state_dict`` work unchanged in both directions. ``revert()`` sets the classes back.
+
+A *rule* says which exact class converts to which fused class, and when a module of that class
+must be left untouched (an option the fused forward does not implement). Only exact classes
+match: a user subclass may override ``forward``, so it is reported and left alone (its children
+are still visited). Rules for Hugging Face models are loaded only when the model's ``transformers``
+modules are already imported — ``convert`` never imports ``transformers`` itself.
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..nn._base import FusedModule, check_backend
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Convert modules of exactly ``source`` into ``target`` (a ``FusedModule`` subclass).
+
+    ``unsupported(module)`` returns why this module must stay as it is, or None; ``notes(module)``
+    returns remarks for the report about a module that is converted (say, a part left unfused)."""
+    source: type
+    target: type
+    unsupported: Callable[[nn.Module], Optional[str]] = lambda module: None
+    notes: Callable[[nn.Module], list] = lambda module: []
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did.
+
+    Attributes:
+        converted: qualified names of the modules swapped for fused ones (``''`` is the root).
+        skipped: ``(name, reason)`` for modules of a supported kind that were left untouched.
+        notes: ``(name, remark)`` about converted modules (parts left unfused, settings changed).
+        backend: the backend the converted modules remember (None = chosen at call time).
+    """
+    converted: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    backend: Optional[str] = None
+    kinds: dict = field(default_factory=dict, repr=False)   # converted name -> original class name
+
+    def __str__(self) -> str:
+        backend = self.backend or "chosen at call time (use_backend / FUSEDFORMER_BACKEND / automatic)"
+        counts = Counter(self.kinds.get(n, "?") for n in self.converted)
+        kinds = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items())) or "nothing"
+        lines = [f"fusedformer.convert: converted {kinds}; backend: {backend}"]
+        for n in self.converted:
+            lines.append(f"  converted  {n or '<root>'} ({self.kinds.get(n, '?')})")
+        for n, why in self.skipped:
+            lines.append(f"  untouched  {n or '<root>'}: {why}")
+        for n, note in self.notes:
+            lines.append(f"  note       {n or '<root>'}: {note}")
+        return "\n".join(lines)
+
+
+def _rules() -> dict[type, Rule]:
+    from . import torch_nn
+    rules = list(torch_nn.rules())
+    # Hugging Face rules only when the model's code is loaded (a model holding a BertLayer has
+    # imported modeling_bert); importing transformers here would make it a hard dependency.
+    if "transformers.models.bert.modeling_bert" in sys.modules:
+        from . import hf_bert
+        rules += hf_bert.rules()
+    if "transformers.models.gpt2.modeling_gpt2" in sys.modules:
+        from . import hf_gpt2
+        rules += hf_gpt2.rules()
+    return {r.source: r for r in rules}
+
+
+def convert(model: nn.Module, backend: Optional[str] = None) -> ConversionReport:
+    """Swap, in place and keeping the weights, every supported layer of ``model`` for its fused
+    version; return a :class:`ConversionReport`.
+
+    Supported: ``torch.nn`` ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``,
+    ``TransformerEncoderLayer``; Hugging Face ``BertLayer`` (any BERT model or head) and
+    ``GPT2Block`` (``GPT2Model``, ``GPT2LMHeadModel``, ...). Modules of these kinds with an option
+    the fused forward does not implement are left untouched and listed in ``report.skipped``.
+    ``backend`` is remembered by the converted modules (None: chosen at each call by
+    ``use_backend`` / ``FUSEDFORMER_BACKEND`` / automatically). Converting an already converted
+    model sets the new backend. Undo with :func:`revert`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    backend = check_backend(backend)
+    rules = _rules()
+    report = ConversionReport(backend=backend)
+
+    def visit(module: nn.Module, name: str) -> None:
+        if isinstance(module, FusedModule):
+            if module.backend != backend:
+                module.backend = backend
+                report.notes.append((name, f"already converted; backend set to {backend!r}"))
+            return
+        rule = rules.get(type(module))
+        if rule is not None:
+            why = rule.unsupported(module)
+            if why is None:
+                notes = rule.notes(module)
+                rule.target._ff_adopt(module, backend)
+                report.converted.append(name)
+                report.kinds[name] = rule.source.__name__
+                report.notes.extend((name, n) for n in notes)
+                return
+            report.skipped.append((name, why))
+        else:
+            for source in rules:
+                if isinstance(module, source):
+                    report.skipped.append((name, f"{type(module).__qualname__} subclasses {source.__qualname__} and "
+                                                 "may change its forward; only the exact class is converted"))
+                    break
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    from . import torch_nn
+    torch_nn.after_convert(model, report)
+    return report
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` in place: every fused module gets its original class back, with the
+    same parameters (also fused modules built directly, e.g. ``fusedformer.nn.LayerNorm``, become
+    the torch class; ``GeluFFN`` has none and stays). Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert: model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in list(model.modules()):
+        if isinstance(module, FusedModule) and type(module)._ff_torch_class is not None:
+            module._ff_release()
+    from . import torch_nn
+    torch_nn.after_revert(model)
+    return model

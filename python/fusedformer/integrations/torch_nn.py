@@ -1,0 +1,61 @@
+"""Conversion rules for ``torch.nn`` layers."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .. import nn as ffnn
+from ..nn._base import gelu_approximation
+from .convert import ConversionReport, Rule
+
+# nn.TransformerEncoder packs padded batches into nested tensors on its inference fast path; the
+# fused layers take padded tensors. convert() turns that path off and remembers the setting here.
+_SAVED_NESTED = "_ff_saved_use_nested_tensor"
+
+
+def _encoder_layer_unsupported(layer: nn.TransformerEncoderLayer) -> Optional[str]:
+    if type(layer.self_attn) not in (nn.MultiheadAttention, ffnn.MultiheadAttention):
+        return f"self_attn is a {type(layer.self_attn).__qualname__}, not nn.MultiheadAttention"
+    for name in ("norm1", "norm2"):
+        norm = getattr(layer, name)
+        if type(norm) not in (nn.LayerNorm, ffnn.LayerNorm):
+            return f"{name} is a {type(norm).__qualname__}, not nn.LayerNorm"
+    return None
+
+
+def _encoder_layer_notes(layer: nn.TransformerEncoderLayer) -> list:
+    if gelu_approximation(layer.activation) is None:
+        act = getattr(layer.activation, "__name__", type(layer.activation).__name__)
+        return [f"activation {act} is not a GELU: the feed-forward runs as plain torch ops "
+                "(attention and the residual/dropout/LayerNorm steps are fused)"]
+    if layer.dropout.p > 0.0:
+        return [f"in training, the dropout between linear1 and linear2 (p={layer.dropout.p}) keeps the "
+                "feed-forward unfused; in eval mode it is one gelu_ffn call"]
+    return []
+
+
+def rules() -> list:
+    return [
+        Rule(nn.LayerNorm, ffnn.LayerNorm),
+        Rule(nn.RMSNorm, ffnn.RMSNorm),
+        Rule(nn.MultiheadAttention, ffnn.MultiheadAttention),
+        Rule(nn.TransformerEncoderLayer, ffnn.TransformerEncoderLayer, _encoder_layer_unsupported,
+             _encoder_layer_notes),
+    ]
+
+
+def after_convert(model: nn.Module, report: ConversionReport) -> None:
+    """Turn off the nested-tensor fast path of encoders whose layers are now fused."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False) and \
+                any(isinstance(layer, ffnn.TransformerEncoderLayer) for layer in module.layers):
+            setattr(module, _SAVED_NESTED, module.use_nested_tensor)
+            module.use_nested_tensor = False
+            report.notes.append((name, "use_nested_tensor set to False (the fused layers take padded batches)"))
+
+
+def after_revert(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and _SAVED_NESTED in module.__dict__:
+            module.use_nested_tensor = module.__dict__.pop(_SAVED_NESTED)

@@ -1,0 +1,461 @@
+"""The training loop: one :class:`RunConfig` in, a trained model, logs and checkpoints out.
+
+What one optimizer step does
+----------------------------
+1. Take the step's global batch (:class:`~fusedformer.train.data.StepSampler`), cut it into
+   ``world_size × accumulation`` micro-batches, and count the loss terms of the whole global batch
+   (all-reduced).
+2. For each of this rank's micro-batches: forward (under bf16/fp16 autocast on a GPU if asked),
+   loss = *sum* of per-term cross-entropies × ``world_size / global_count``, backward (gradient
+   sync only on the last micro-batch). The result is the mean over the global batch, exactly as
+   if one process had seen it.
+3. Unscale (fp16), clip the global gradient norm, AdamW step, LR schedule step.
+
+Around it: evaluation every ``eval_every`` steps (and before the first step), a JSONL log line per
+step, checkpoints, a progress bar with loss and tokens/s, and the run summary.
+
+Randomness: torch's global RNG is seeded with ``seed`` before the model is built (so every backend
+starts from the same weights), then re-seeded per rank for training. Dropout draws from it — on
+fused backends through ``fusedformer.rng``, whose seeds come from torch's generator — so two
+backends given the same seed drop the same elements at every step. Data order and masks never
+touch it (see ``data.py``). A checkpoint stores every rank's RNG state, so a resumed run continues
+bit for bit (on the CPU; GPU kernels with atomics may differ in the last bits).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import distributed as distrib
+from .config import RunConfig, TrainError, atomic_write_text
+from .data import (IGNORE_INDEX, Batch, StepSampler, _mix, classification_dataset, collate,
+                   lm_dataset, load_corpus)
+from .models import (apply_backend, build_model, check_backend, count_parameters, matmul_parameters,
+                     resolve_model)
+from .perf import PeakMemory, gpu_peak_tflops, train_flops_per_token
+from .tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
+
+log = logging.getLogger("fusedformer.train")
+
+
+def default_output_dir(cfg: RunConfig) -> Path:
+    name = cfg.name or f"{cfg.command}-{cfg.objective}-{Path(cfg.model).name}-{cfg.backend}-" \
+                       f"{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / name
+
+
+# ------------------------------------------------------------------------------------------------
+# losses
+# ------------------------------------------------------------------------------------------------
+def batch_loss(model: torch.nn.Module, b: Batch, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of cross-entropies, number of correct predictions)`` over the batch's loss terms."""
+    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    logits = out.logits.float()
+    if objective == "mlm":
+        picked = b.labels != IGNORE_INDEX
+        logits, target = logits[picked], b.labels[picked]
+    elif objective == "clm":
+        logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        target = b.labels[:, 1:].reshape(-1)
+    else:
+        target = b.labels
+    loss = F.cross_entropy(logits, target, reduction="sum")
+    correct = (logits.detach().argmax(-1) == target).sum()
+    return loss, correct
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int, warmup: int):
+    """Linear warmup to ``lr``, then linear/cosine decay to ``lr·min_lr_ratio`` (or constant)."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            decay = 1.0 - progress
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (parameters with < 2 dims)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+
+
+def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
+    if cfg.precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if cfg.precision in ("bf16", "fp16") and device.type != "cuda":
+        raise TrainError(f"--precision {cfg.precision} is autocast on a GPU; this run is on the CPU: "
+                         "use --precision fp32 (or auto)")
+    return cfg.precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+class JsonlLog:
+    """``log.jsonl``: one JSON object per line, flushed as written (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: Optional[int]):
+        self.path, self.enabled = path, enabled
+        self._f = None
+        if not enabled:
+            return
+        if keep_until_step is not None and path.is_file():
+            # resume: drop what the interrupted run logged after its last checkpoint
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
+                    and json.loads(line).get("kind") != "summary"]
+            atomic_write_text(path, "".join(k + "\n" for k in kept))
+        self._f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def prepare_output_dir(cfg: RunConfig, env: distrib.DistEnv) -> tuple[Path, Optional[Path]]:
+    """The run's folder and, when resuming, the checkpoint to resume from. Refuses to start a
+    fresh run on top of an existing one (nothing is deleted unless ``--overwrite``)."""
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+    latest = ckpt.latest_checkpoint(out)
+    if cfg.resume:
+        if latest is None:
+            raise TrainError(f"--resume: no complete checkpoint in {out}; start a new run without --resume")
+        return out, latest
+    existing = latest is not None or (out / "log.jsonl").is_file()
+    if existing and not cfg.overwrite:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
+                         "it, or choose another --output-dir")
+    if env.is_main:
+        if existing:
+            for _, path in ckpt.list_checkpoints(out):
+                shutil.rmtree(path)
+            for name in ("log.jsonl", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    distrib.barrier(env)
+    return out, None
+
+
+def _check_resume_compatible(cfg: RunConfig, saved: RunConfig) -> None:
+    for key in ("objective", "seq_len", "batch_size", "seed", "data", "max_docs", "mlm_probability"):
+        if getattr(cfg, key) != getattr(saved, key):
+            raise TrainError(f"--resume: --{key.replace('_', '-')} is {getattr(cfg, key)!r} but the run was "
+                             f"started with {getattr(saved, key)!r}; resume with the same settings")
+
+
+def get_tokenizer(cfg: RunConfig, corpus, source, resume_from: Optional[Path]) -> TextTokenizer:
+    if resume_from is not None:
+        return load_tokenizer(resume_from / "tokenizer.json")
+    if cfg.tokenizer != "auto":
+        return load_tokenizer(cfg.tokenizer)
+    d = source.tokenizer_dir
+    if d is not None and ((d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()):
+        return load_tokenizer(d)
+    return train_tokenizer(corpus.texts["train"], cfg.vocab_size, corpus.fingerprint)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train as ``cfg`` says (joining torchrun's process group if launched by it). Returns the
+    summary (also written to ``<output_dir>/summary.json``)."""
+    cfg.validate()
+    env = distrib.init(cfg.device, cfg.strategy)
+    try:
+        return _run(cfg, env)
+    finally:
+        distrib.shutdown(env)
+
+
+def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
+    device = env.device
+    check_backend(cfg.backend, device)
+    precision = resolve_precision(cfg, device)
+    out, resume_from = prepare_output_dir(cfg, env)
+    if resume_from is not None:
+        _check_resume_compatible(cfg, RunConfig.from_json(resume_from / "run_config.json"))
+
+    # ---- data and model -----------------------------------------------------------------------
+    source = resolve_model(str(resume_from) if resume_from is not None else cfg.model)
+    corpus = load_corpus(cfg.data, cfg.valid_data, cfg.text_field, cfg.label_field, cfg.max_docs)
+    tok = get_tokenizer(cfg, corpus, source, resume_from)
+    if cfg.objective == "classify":
+        train_ds = classification_dataset(corpus, "train", tok, cfg.seq_len)
+        valid_ds = classification_dataset(corpus, "validation", tok, cfg.seq_len)
+        num_labels = train_ds.num_labels
+    else:
+        train_ds = lm_dataset(corpus, "train", tok, cfg.seq_len, cfg.objective)
+        valid_ds = lm_dataset(corpus, "validation", tok, cfg.seq_len, cfg.objective)
+        num_labels = 2
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(source, cfg.objective, vocab_size=tok.vocab_size, seq_len=cfg.seq_len,
+                        pad_id=tok.pad_id, eos_id=tok.sep_id, dropout=cfg.dropout, num_labels=num_labels)
+    if resume_from is not None:
+        ckpt.load_weights(model, resume_from)
+    conversion = apply_backend(model, cfg.backend)
+    model.to(device)
+    n_params = count_parameters(model)
+    hf_model = model
+
+    # ---- batch geometry -----------------------------------------------------------------------
+    W = env.world_size
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // W)
+    if cfg.batch_size % (W * micro):
+        raise TrainError(f"--batch-size {cfg.batch_size} is not a multiple of processes ({W}) × "
+                         f"--micro-batch-size ({micro}); choose sizes that divide")
+    accum = cfg.batch_size // (W * micro)
+    sampler = StepSampler(len(train_ds), cfg.batch_size, cfg.seed)
+    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else total_steps // 10
+
+    # ---- optimisation state -------------------------------------------------------------------
+    model = distrib.wrap(model, env)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, warmup))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    start_step = 0
+    torch.manual_seed(_mix(cfg.seed, 0x7261696E, env.rank))  # the training stream (dropout)
+    if resume_from is not None:
+        state = ckpt.load_training_state(resume_from)
+        distrib.load_optimizer_state(model, optimizer, state["optimizer"], env)
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step = int(state["step"])
+        rng = state["rng"]
+        if len(rng) == W:
+            ckpt.restore_rng(rng[env.rank])
+        else:
+            log.warning("resuming on %d processes a run saved on %d: dropout streams restart", W, len(rng))
+            torch.manual_seed(_mix(cfg.seed, start_step, env.rank))
+        log.info("resuming %s at step %d", out, start_step)
+
+    # ---- accounting ---------------------------------------------------------------------------
+    config = hf_model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    seq_for_flops = cfg.seq_len
+    flops_per_token = train_flops_per_token(matmul_parameters(hf_model, cfg.objective), layers, width,
+                                            seq_for_flops)
+    peak_tflops = gpu_peak_tflops(device, precision, cfg.peak_tflops)
+    memory = PeakMemory(device)
+    writer = None
+    if cfg.tensorboard and env.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+        writer = SummaryWriter(str(out / "tensorboard"))
+    jlog = JsonlLog(out / "log.jsonl", env.is_main, start_step if resume_from is not None else None)
+    if env.is_main and resume_from is None:
+        cfg.to_json(out / "run_config.json")
+    info = {"backend": cfg.backend, "device": str(device), "precision": precision, "world_size": W,
+            "micro_batch_size": micro, "accumulation": accum, "total_steps": total_steps,
+            "warmup_steps": warmup, "parameters": n_params, "converted": len(conversion["converted"]),
+            "skipped": len(conversion["skipped"]), "tokenizer": tok.source, "vocab_size": tok.vocab_size,
+            "train_examples": len(train_ds), "valid_examples": len(valid_ds)}
+    jlog.write({"kind": "start", "step": start_step, **info})
+    log.info("%s | %s | %d parameters | %d layers fused (%d skipped) | %d steps of %d × %d tokens | %s",
+             cfg.backend, device, n_params, len(conversion["converted"]), len(conversion["skipped"]),
+             total_steps, cfg.batch_size, cfg.seq_len, precision)
+
+    def evaluate(step: int) -> dict:
+        metrics = run_eval(model, valid_ds, tok, cfg, env, micro, precision)
+        jlog.write({"kind": "eval", "step": step, **metrics})
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"eval/{k}", v, step)
+        log.info("step %d: validation %s", step,
+                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    last_eval = evaluate(start_step) if start_step == 0 else {}
+    bar = None
+    if cfg.progress and env.is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=start_step, desc=cfg.backend, unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    timings: list[tuple[float, int]] = []
+    last_loss = float("nan")
+    memory.reset()
+    t_start = time.perf_counter()
+    for step in range(start_step, total_steps):
+        epoch, indices = sampler.batch(step)
+        mine = indices[env.rank * accum * micro:(env.rank + 1) * accum * micro]
+        batches = [collate(train_ds, mine[a * micro:(a + 1) * micro], tok, seed=cfg.seed, epoch=epoch,
+                           mlm_probability=cfg.mlm_probability) for a in range(accum)]
+        global_count, global_tokens = distrib.all_reduce_sum(
+            [sum(b.count for b in batches), sum(b.tokens for b in batches)], env)
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for a, b in enumerate(batches):
+            b = b.to(device)
+            with distrib.maybe_no_sync(model, env, sync=(a == accum - 1)):
+                with autocast_context(precision, device):
+                    loss, _ = batch_loss(model, b, cfg.objective)
+                scaled = loss * (W / global_count)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += loss.detach().double()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        lr = optimizer.param_groups[0]["lr"]
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        (loss_total,) = distrib.all_reduce_sum([float(loss_sum)], env)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        dt = distrib.all_reduce_max(dt, env)
+        timings.append((dt, int(global_tokens)))
+
+        last_loss = loss_total / global_count
+        done = step + 1
+        tps = global_tokens / dt
+        record = {"kind": "train", "step": done, "epoch": epoch, "loss": last_loss, "lr": lr,
+                  "grad_norm": float(grad_norm), "step_time": dt, "tokens": int(global_tokens),
+                  "tokens_per_s": tps}
+        if peak_tflops:
+            record["mfu"] = flops_per_token * tps / (peak_tflops * 1e12 * W)
+        if not math.isfinite(last_loss):
+            jlog.write(record)
+            raise TrainError(f"the loss became {last_loss} at step {done}; lower --lr or use --precision "
+                             "fp32 (earlier checkpoints are kept)")
+        if done % cfg.log_every == 0 or done == total_steps:
+            jlog.write(record)
+            if writer is not None:
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    writer.add_scalar(f"train/{k}", record[k], done)
+        if bar is not None:
+            bar.set_postfix_str(f"loss {last_loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", refresh=False)
+            bar.update(1)
+        if done % cfg.eval_every == 0 or done == total_steps:
+            last_eval = evaluate(done)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+            _save(out, done, model, hf_model, optimizer, scheduler, scaler, tok, cfg, env,
+                  {"step": done, "loss": last_loss, "eval": last_eval, "backend": cfg.backend})
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t_start
+
+    # ---- summary ------------------------------------------------------------------------------
+    skip = min(3, len(timings) // 5)  # the first steps warm up allocators and caches
+    timed = timings[skip:] or timings
+    step_times = sorted(t for t, _ in timed)
+    summary = {
+        **info, "command": cfg.command, "objective": cfg.objective, "model": cfg.model, "seed": cfg.seed,
+        "steps_done": total_steps, "final_train_loss": last_loss, "final_eval": last_eval,
+        "median_step_time_s": step_times[len(step_times) // 2] if step_times else None,
+        "tokens_per_s": (sum(n for _, n in timed) / sum(t for t, _ in timed)) if timed else None,
+        "peak_memory_mb": memory.peak_mb(), "peak_memory_kind": memory.kind, "wall_time_s": wall,
+        "mfu": None, "torch": torch.__version__, "python": platform.python_version(),
+        "output_dir": str(out),
+    }
+    if peak_tflops and summary["tokens_per_s"]:
+        summary["mfu"] = flops_per_token * summary["tokens_per_s"] / (peak_tflops * 1e12 * W)
+    summary["peak_memory_mb"] = distrib.all_reduce_max(summary["peak_memory_mb"], env)
+    jlog.write({"kind": "summary", "step": total_steps, **{k: v for k, v in summary.items()
+                                                           if k != "final_eval"},
+                "final_eval": last_eval})
+    jlog.close()
+    if writer is not None:
+        writer.close()
+    if env.is_main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _save(out: Path, step: int, model, hf_model, optimizer, scheduler, scaler, tok, cfg: RunConfig,
+          env: distrib.DistEnv, meta: dict) -> None:
+    """Gather what a checkpoint needs on every rank (collectives), write it on rank 0."""
+    model_state = distrib.full_model_state(model, env)
+    optim_state = distrib.full_optimizer_state(model, optimizer, env)
+    rng = distrib.gather_objects(ckpt.capture_rng(), env)
+    if env.is_main:
+        state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
+                 "world_size": env.world_size}
+        ckpt.save_checkpoint(out, step, model=hf_model, model_state=model_state, training_state=state,
+                             tokenizer=tok, run_config=cfg, meta=meta, keep=cfg.keep_checkpoints)
+    distrib.barrier(env)
+
+
+@torch.no_grad()
+def run_eval(model, ds, tok: TextTokenizer, cfg: RunConfig, env: distrib.DistEnv, micro: int,
+             precision: str) -> dict:
+    """Validation loss and accuracy (masked-token, next-token or label accuracy) on the first
+    ``eval_samples`` examples, sharded over ranks (each takes every world_size-th example)."""
+    n = len(ds) if cfg.eval_samples is None else min(len(ds), cfg.eval_samples)
+    n -= n % env.world_size  # equal shards: collectives inside FSDP forwards must pair up
+    mine = list(range(env.rank, n, env.world_size))
+    model.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    for start in range(0, len(mine), micro):
+        b = collate(ds, mine[start:start + micro], tok, seed=cfg.seed, epoch=0,
+                    mlm_probability=cfg.mlm_probability, eval_mode=True).to(env.device)
+        with autocast_context(precision, env.device):
+            loss, right = batch_loss(model, b, cfg.objective)
+        loss_sum += float(loss)
+        correct += float(right)
+        count += b.count
+    loss_sum, correct, count = distrib.all_reduce_sum([loss_sum, correct, count], env)
+    model.train()
+    metrics = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+    if cfg.objective != "classify":
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+    return metrics
