@@ -4,7 +4,7 @@
 # Installs what the tests need — idempotent: a second run only rebuilds the extension — then runs
 # the C++ tests (ctest, CPU kernels under AddressSanitizer) and the Python test suite.
 #   FUSEDFORMER_SKIP_INSTALL=1 bash scripts/test.sh   # re-run tests against what is installed
-#   bash scripts/test.sh -k layer_norm                 # extra arguments go to pytest
+#   bash scripts/test.sh tests/test_rng.py -x          # arguments replace pytest's default 'tests'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +21,34 @@ fi
 
 $PY -m fusedformer info
 
+# The GPU code embedded in fusedformer._C, per architecture (compiled and linked even without a GPU).
+# FUSEDFORMER_REQUIRE_CUDA_BUILD=1 (set by CI) makes a missing CUDA build an error.
+$PY - <<'PY'
+import json, os, shutil, subprocess
+import fusedformer, fusedformer._C as ext
+rec = json.load(open(os.path.join(os.path.dirname(fusedformer.__file__), "_build_info.json")))
+if not rec.get("cuda"):
+    msg = f"CUDA kernels were not compiled: {rec.get('cuda_reason')}"
+    if os.environ.get("FUSEDFORMER_REQUIRE_CUDA_BUILD") == "1":
+        raise SystemExit(msg)
+    print(msg)
+else:
+    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
+    try:  # Triton's wheel carries one when the toolkit lacks it
+        import triton
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    tool = next((c for c in candidates if c and os.path.exists(c)), None)
+    if tool is None:
+        raise SystemExit("cuobjdump not found: cannot list the GPU code in fusedformer._C")
+    listing = subprocess.run([tool, "--list-elf", ext.__file__], capture_output=True, text=True).stdout
+    archs = sorted({part for line in listing.split() for part in line.split(".") if part.startswith("sm_")})
+    print(f"fusedformer._C embeds GPU code for {', '.join(archs) or 'NOTHING'} ({len(listing.splitlines())} cubins)")
+    if os.environ.get("FUSEDFORMER_REQUIRE_CUDA_BUILD") == "1" and not archs:
+        raise SystemExit("no GPU code found in fusedformer._C")
+PY
+
 # C++ tests: Philox known answers and the CPU kernels called directly, under AddressSanitizer.
 cmake -S . -B build/ctest -DPython_EXECUTABLE="$(command -v $PY)" -DFF_SANITIZE=address > build-ctest.log 2>&1 \
   && cmake --build build/ctest -j2 >> build-ctest.log 2>&1 \
@@ -28,4 +56,5 @@ cmake -S . -B build/ctest -DPython_EXECUTABLE="$(command -v $PY)" -DFF_SANITIZE=
 ASAN_OPTIONS=detect_leaks=0 ctest --test-dir build/ctest --output-on-failure
 rm -f build-ctest.log
 
-$PY -m pytest tests -q -p no:cacheprovider "$@"
+if [ $# -eq 0 ]; then set -- tests; fi
+$PY -m pytest -q -p no:cacheprovider "$@"
