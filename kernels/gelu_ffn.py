@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_constants, dropout_keep, interpreting, round_to, seed_value
+from ._common import device_function, dot_precision, dropout_constants, dropout_keep, interpreting, mma, round_to, seed_value
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -90,30 +90,30 @@ def _wgrad_configs():
 # ------------------------------------------------------------------------------------------------
 # GELU and its derivative (float32 in, float32 out)
 # ------------------------------------------------------------------------------------------------
-@triton.jit
+@device_function
 def _tanh(z):
     # tanh(z) = 2 sigmoid(2z) - 1; saturates correctly to +-1 as exp over/underflows
     return 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
 
 
-@triton.jit
+@device_function
 def _gelu(u, TANH: tl.constexpr):
     if TANH:
-        return 0.5 * u * (1.0 + _tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u * u * u)))
+        return 0.5 * u * (1.0 + _tanh((u + 0.044715 * u * u * u) * _SQRT_2_OVER_PI))
     else:
         return 0.5 * u * (1.0 + tl.erf(u * _INV_SQRT_2))
 
 
-@triton.jit
+@device_function
 def _gelu_grad(u, TANH: tl.constexpr):
     if TANH:
-        t = _tanh(_SQRT_2_OVER_PI * (u + 0.044715 * u * u * u))
-        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * u * u)
+        t = _tanh((u + 0.044715 * u * u * u) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * (1.0 + 3.0 * 0.044715 * u * u) * _SQRT_2_OVER_PI
     else:
         return 0.5 * (1.0 + tl.erf(u * _INV_SQRT_2)) + u * tl.exp(-0.5 * u * u) * _INV_SQRT_2PI
 
 
-@triton.jit
+@device_function
 def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
     """Tile coordinates of program ``pid`` in grouped order: GROUP row-tiles sweep the columns
     together, so the operand tiles they share stay in L2."""
@@ -162,7 +162,7 @@ def _gemm_epilogue(
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols < N)[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = mma(a, b, acc, DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -222,7 +222,7 @@ def _gemm_wgrad(
         b = tl.load(b_ptrs, mask=r_ok[:, None] & (qs < Q)[None, :], other=0.0)
         if B_GELU:
             b = round_to(_gelu(b.to(tl.float32), TANH), at.dtype)
-        acc = tl.dot(at, b, acc, input_precision=DOT_PRECISION)
+        acc = mma(at, b, acc, DOT_PRECISION)
         if BIAS_GRAD:
             if pid_q == 0:       # one column of programs reduces the bias gradient
                 colsum += tl.sum(at.to(tl.float32), axis=1)
@@ -231,7 +231,8 @@ def _gemm_wgrad(
     mask = (ps < P)[:, None] & (qs < Q)[None, :]
     tl.store(C + ps[:, None] * Q + qs[None, :], round_to(acc, C.dtype.element_ty), mask=mask)
     if BIAS_GRAD:
-        tl.store(DBias + ps, round_to(colsum, DBias.dtype.element_ty), mask=(ps < P) & (pid_q == 0))
+        if pid_q == 0:
+            tl.store(DBias + ps, round_to(colsum, DBias.dtype.element_ty), mask=ps < P)
 
 
 @triton.jit

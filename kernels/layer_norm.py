@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dropout_constants, dropout_keep, interpreting, next_pow2, num_sms, round_to, seed_value
+from ._common import device_function, dropout_constants, dropout_keep, interpreting, next_pow2, num_sms, round_to, seed_value
 
 # Widest row kept whole in registers (the `_rows` strategy); wider rows use `_chunked`. Read at
 # call time (tests lower it to reach the chunked path with small shapes).
@@ -89,7 +89,7 @@ def _chunk_configs():
 # ------------------------------------------------------------------------------------------------
 # shared pieces
 # ------------------------------------------------------------------------------------------------
-@triton.jit
+@device_function
 def _prenorm_sum(
     X,               # (M, N) input rows
     R,               # (M, N) residual rows (read only if HAS_RESIDUAL)
@@ -433,7 +433,7 @@ def _layer_norm_bwd_chunked(
     acc_dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_N], dtype=tl.float32)
     for row in range(pid, M, tl.num_programs(0)):
-        offs = row.to(tl.int64) * N + cols
+        offs = tl.cast(row, tl.int64) * N + cols
         h = tl.load(Hs + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + row)

@@ -14,10 +14,11 @@ from .backends import BACKENDS, BackendError, use_backend
 from .info import info
 from .integrations import convert, revert
 from .ops.attention import attention
+from .ops.attention_varlen import attention_varlen
 from .ops.gelu_ffn import gelu_ffn
 from .ops.layer_norm import layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendError", "attention", "convert", "gelu_ffn", "info", "layer_norm", "nn",
-           "reference", "revert", "rms_norm", "rng", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "BackendError", "attention", "attention_varlen", "convert", "gelu_ffn", "info", "layer_norm",
+           "nn", "reference", "revert", "rms_norm", "rng", "use_backend", "__version__"]

@@ -325,3 +325,88 @@ def attention_bwd(
         dk = dk.reshape(B, Hk, groups, Sk, -1).sum(2)
         dv = dv.to(stat).reshape(B, Hk, groups, Sk, -1).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_varlen — variable-length batches packed without padding (FlashAttention's varlen
+# convention): q (Tq, H, D), k (Tk, Hk, D), v (Tk, Hk, Dv) hold the sequences one after another;
+# sequence i owns tokens cu_seqlens_q[i] : cu_seqlens_q[i+1] of q and cu_seqlens_k[i] :
+# cu_seqlens_k[i+1] of k and v.
+#
+# Sequence i is computed exactly as batch element 0 of a (1, H, Sq_i, Sk_i) ``attention_fwd``
+# problem: is_causal is top-left aligned *within each sequence* (query j sees keys 0..j, like
+# SDPA; FlashAttention aligns bottom-right when Sq_i != Sk_i), and the dropout element
+# (i, h, q, k) has index  base_i + (h * Sq_i + q) * Sk_i + k  with  base_i = sum_{j<i} H*Sq_j*Sk_j
+# (each sequence's (H, Sq_i, Sk_i) probabilities laid out one after another).
+# lse is (H, Tq). No masks besides is_causal (sequences replace the key padding mask).
+# ---------------------------------------------------------------------------------------------
+def _varlen_segments(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, heads: int):
+    """(q0, q1, k0, k1, dropout base) for every sequence."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    base = 0
+    for i in range(len(cq) - 1):
+        yield cq[i], cq[i + 1], ck[i], ck[i + 1], base
+        base += heads * (cq[i + 1] - cq[i]) * (ck[i + 1] - ck[i])
+
+
+def _as_batch(t: Tensor, start: int, end: int) -> Tensor:
+    """Tokens start:end of a packed (T, H, D) tensor as a (1, H, S, D) view."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)
+
+
+def attention_varlen_fwd(
+    q: Tensor,                            # (Tq, H, D) packed queries
+    k: Tensor,                            # (Tk, Hk, D)
+    v: Tensor,                            # (Tk, Hk, Dv)
+    cu_seqlens_q: Tensor,                 # (nseq + 1,) int32 query offsets, cu[0] = 0, cu[-1] = Tq
+    cu_seqlens_k: Tensor,                 # (nseq + 1,) int32 key offsets
+    max_seqlen_q: int,                    # longest query sequence (unused here; kernels size grids by it)
+    max_seqlen_k: int,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    seed: Optional[Tensor],
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(out (Tq, H, Dv), lse (H, Tq))``; lse float32 (float64 for float64 inputs)."""
+    H = q.shape[1]
+    out = q.new_zeros(q.shape[0], H, v.shape[-1])
+    lse = q.new_full((H, q.shape[0]), float("-inf"), dtype=_stat_dtype(q.dtype))
+    for q0, q1, k0, k1, base in _varlen_segments(cu_seqlens_q, cu_seqlens_k, H):
+        if q1 == q0:
+            continue
+        o, l = attention_fwd(_as_batch(q, q0, q1), _as_batch(k, k0, k1), _as_batch(v, k0, k1), None, None,
+                             dropout_p, is_causal, scale, seed, offset + base)
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def attention_varlen_bwd(
+    dout: Tensor,                         # (Tq, H, Dv)
+    q: Tensor, k: Tensor, v: Tensor,
+    out: Tensor,                          # (Tq, H, Dv) forward output
+    lse: Tensor,                          # (H, Tq)
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float,
+    seed: Optional[Tensor],
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dq, dk, dv)``; tokens outside every sequence get zero gradient."""
+    H = q.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for q0, q1, k0, k1, base in _varlen_segments(cu_seqlens_q, cu_seqlens_k, H):
+        if q1 == q0:
+            continue
+        g = attention_bwd(_as_batch(dout, q0, q1), _as_batch(q, q0, q1), _as_batch(k, k0, k1),
+                          _as_batch(v, k0, k1), _as_batch(out, q0, q1), lse[None, :, q0:q1], None, None,
+                          dropout_p, is_causal, scale, seed, offset + base)
+        dq[q0:q1] = g[0][0].transpose(0, 1)
+        dk[k0:k1] = g[1][0].transpose(0, 1)
+        dv[k0:k1] = g[2][0].transpose(0, 1)
+    return dq, dk, dv

@@ -11,6 +11,9 @@ element of the *logical* tensor the dropout applies to is identified by its row-
 * gelu_ffn:   the output ``y`` viewed as ``(M, C)``; ``n = m * C + c``.
 * attention:  the probabilities ``P`` of shape ``(B, H, Sq, Sk)`` with ``H`` the number of *query*
   heads; ``n = ((b * H + h) * Sq + q) * Sk + k``.
+* attention_varlen (packed sequences, ``cu_seqlens``): sequence ``i`` is its own ``(1, H, Sq_i, Sk_i)``
+  problem, the sequences' probabilities laid out one after another:
+  ``n = base_i + (h * Sq_i + q) * Sk_i + k`` with ``base_i = sum_{j<i} H * Sq_j * Sk_j``.
 
 For element ``n`` let ``i = offset + n``. One Philox4x32-10 block yields four 32-bit words, so
 four consecutive indices share a block::

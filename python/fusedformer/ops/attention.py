@@ -56,7 +56,9 @@ TABLE: dict[str, backends.Impl] = {
     "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda")),
 }
 if _triton_available():
-    TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP))
+    TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP, extra=lambda i: [
+        f"{name} {i[key]} > 256" for key, name in (("head_dim", "head dim"), ("head_dim_v", "value head dim"))
+        if i.get(key, 0) > 256]))
 
 
 @torch.library.custom_op("fusedformer::attention_fwd", mutates_args=())
