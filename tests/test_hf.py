@@ -246,6 +246,28 @@ def test_bert_round_trip_through_save_pretrained(tmp_path):
     assert conv.cls.predictions.decoder.weight is conv.bert.embeddings.word_embeddings.weight   # still tied
 
 
+def test_bert_gradient_checkpointing_replays_the_same_dropout():
+    """Recomputation under gradient checkpointing draws the same seeds (torch restores the RNG
+    state), so the gradients equal those of the run without checkpointing."""
+    model_backend("reference")
+    torch.manual_seed(2)
+    model = BertForSequenceClassification(tiny_bert_config())
+    batch = bert_batch(seed=5)
+    grads = []
+    for checkpointing in (False, True):
+        m, _ = converted(model, None)
+        if checkpointing:
+            if hasattr(m, "activation_checkpointing_enable"):
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        torch.manual_seed(8)
+        grads.append(run(m, batch, logits_loss)[1])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bert_unsupported_layers_are_left_untouched_and_reported():
     cross = BertModel(tiny_bert_config(is_decoder=True, add_cross_attention=True))
     report = ff.convert(cross)

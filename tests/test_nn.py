@@ -4,6 +4,8 @@ on torch.nn models."""
 import copy
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -574,6 +576,40 @@ def test_convert_and_revert_torch_model():
     assert all(p is params[n] for n, p in model.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(x, kpm), want)
+
+
+def test_convert_encoder_decoder_transformer(backend):
+    """nn.Transformer: encoder layers convert whole; the decoder layers (no fused class) keep their
+    forward but run fused self-/cross-attention and LayerNorms; eval outputs and gradients match."""
+    device = needs(backend, "layer_norm", "attention", "gelu_ffn", interpreter=False)
+    torch.manual_seed(0)
+    model = nn.Transformer(D_MODEL, NHEAD, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=FF,
+                           activation="gelu", batch_first=True).eval()
+    fused = copy.deepcopy(model)
+    report = ff.convert(fused, backend=backend)
+    assert {"encoder.layers.0", "decoder.layers.0.self_attn", "decoder.layers.0.multihead_attn",
+            "decoder.layers.0.norm3", "encoder.norm", "decoder.norm"} <= set(report.converted)
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(2, 9, D_MODEL, generator=gen, dtype=torch.float64)
+    tgt = torch.randn(2, 6, D_MODEL, generator=gen, dtype=torch.float64)
+    inputs = {"src": src, "tgt": tgt, "tgt_mask": torch.ones(6, 6, dtype=torch.bool).triu(1),
+              "src_key_padding_mask": _key_padding(2, 9)}
+
+    def call(m, t):
+        return m(t["src"], t["tgt"], tgt_mask=t["tgt_mask"], src_key_padding_mask=t["src_key_padding_mask"],
+                 memory_key_padding_mask=t["src_key_padding_mask"], tgt_is_causal=True)
+    fused_copy = copy.deepcopy(fused)
+    compare_modules("gelu_ffn", model, fused_copy, call, inputs, torch.float32, device)
+
+
+def test_transformers_stays_optional():
+    """import fusedformer and convert a torch model without importing transformers."""
+    code = ("import sys, torch, fusedformer as ff; ff.convert(torch.nn.TransformerEncoderLayer(8, 2)); "
+            "print('transformers' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_convert_rejects_non_modules():
