@@ -84,7 +84,14 @@ def requested_backend(backend: Optional[str] = None) -> str:
 # string arguments, instead of tracing imports and file reads.
 # ------------------------------------------------------------------------------------------------
 _status_cache: dict[str, Optional[str]] = {}
-_constant = torch._dynamo.assume_constant_result
+
+
+def _constant(fn):
+    """What ``torch._dynamo.assume_constant_result`` does (it sets this marker), without importing
+    Dynamo when fusedformer is imported — that import alone doubles the import time.
+    tests/test_compile.py fails if a torch release stops honouring the marker."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def build_record() -> dict:
