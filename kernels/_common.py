@@ -28,6 +28,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_enabled() -> bool:
+    """False with ``FUSEDFORMER_TRITON_AUTOTUNE=0``: each kernel then takes its first configuration
+    that fits (no timing) — for quick correctness sweeps on a GPU. Read at each call."""
+    return os.environ.get("FUSEDFORMER_TRITON_AUTOTUNE", "1") != "0"
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -32,6 +32,11 @@ blocks. No atomics: the backward is deterministic. P is recomputed from Q, K and
 Dropout is generated inside the kernels from the seed (Philox, ``fusedformer.rng``'s mapping, bit
 identical to the reference's mask); the backward regenerates it. The mask is never stored.
 
+Hopper (opt-in, ``FUSEDFORMER_TRITON_TMA=1``): the forward streams K/V through tensor descriptors
+(TMA) built over the tensors' own strides; other GPUs and unaligned layouts use pointer loads.
+
+Saved for the backward: the output and ``lse`` (B, H, Sq) float32 — O(S) memory, never P.
+
 Variable length (``attention_varlen_fwd/bwd``): packed (total tokens, heads, dim) tensors with
 ``cu_seqlens`` offsets; sequence i is treated as batch element i of a (1, H, Sq_i, Sk_i)
 problem: causal alignment top-left within each sequence, dropout element
@@ -49,14 +54,20 @@ normalizer calculation for softmax" (2018); Triton tutorial 06 (fused attention)
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (device_function, dot_precision, dropout_constants, dropout_keep, interpreting, mma, next_pow2, round_to,
-                      seed_value)
+from ._common import (autotune_enabled, device_function, dot_precision, dropout_constants, dropout_keep,
+                      interpreting, mma, next_pow2, round_to, seed_value)
+
+try:                            # host-side tensor descriptors (TMA): triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:             # pragma: no cover - older triton: the pointer path only
+    TensorDescriptor = None
 
 MAX_HEAD_DIM = 256
 MAX_GRID_BATCH = 65535          # grid axis 2 (batch / sequence) limit; larger batches are split
@@ -68,43 +79,55 @@ _LN2 = tl.constexpr(0.6931471805599453)
 def _check_head_dims(D: int, Dv: int) -> None:
     for name, d in (("head dim", D), ("value head dim", Dv)):
         if not 1 <= d <= MAX_HEAD_DIM:
-            raise ValueError(f"attention (triton): {name} {d} is out of range; the Triton kernels take 1..{MAX_HEAD_DIM}")
+            raise ValueError(f"attention (triton): {name} {d} is out of range; "
+                             f"the Triton kernels take 1..{MAX_HEAD_DIM}")
 
 
 # ------------------------------------------------------------------------------------------------
 # autotuning configurations
 # ------------------------------------------------------------------------------------------------
+# Tiles are (BLOCK_M, BLOCK_N, stages, warps), best default first: with autotuning switched off
+# (FUSEDFORMER_TRITON_AUTOTUNE=0) the first tile that fits is used without timing.
+# Lengths enter the key as power-of-two buckets, so a new length does not re-tune.
 _TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_DROPOUT", "HAS_MASK"]
+_FWD_TUNE_KEY = _TUNE_KEY + ["TMA"]
+_FWD_TILES = [(128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 4, 8), (128, 32, 4, 4), (64, 64, 4, 4),
+              (64, 64, 3, 4), (64, 32, 3, 4), (64, 32, 2, 4), (32, 32, 2, 4)]
+# dK/dV: BLOCK_N keys stay resident while BLOCK_M query rows stream past; dQ: the other way round.
+_DKDV_TILES = [(32, 64, 2, 4), (32, 128, 2, 8), (64, 128, 2, 8), (64, 64, 2, 4), (32, 64, 3, 4),
+               (16, 64, 2, 4), (16, 32, 2, 4)]
+_DQ_TILES = [(64, 32, 2, 4), (128, 64, 2, 8), (128, 32, 2, 8), (64, 64, 2, 4), (64, 32, 3, 4),
+             (32, 32, 2, 4), (16, 32, 2, 4)]
 
 
-def _fwd_configs():
-    if interpreting():   # unequal tiles, so the tests exercise diagonals that straddle several tiles
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-            for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
+def _set_descriptor_blocks(nargs):
+    """Config pre-hook: give the K/V tensor descriptors (TMA path) this configuration's tile."""
+    for name, width in (("KDesc", "BLOCK_D"), ("VDesc", "BLOCK_DV")):
+        desc = nargs[name]
+        if isinstance(desc, TensorDescriptor):
+            n, d = nargs["BLOCK_N"], nargs[width]
+            desc.block_shape = [1, 1, n, d] if len(desc.shape) == 4 else [n, 1, d]
 
 
-def _bwd_configs():
-    # dK/dV: BLOCK_N keys stay resident, BLOCK_M query rows stream; dQ: the other way round.
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-            for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (128, 32), (64, 32))
-            for s in (2, 3) for w in (4, 8)]
+def _configs(tiles, interpreter_tile, pre_hook=None):
+    if interpreting():   # one configuration: nothing to time on the CPU
+        bm, bn = interpreter_tile
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, pre_hook=pre_hook)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w, pre_hook=pre_hook)
+            for bm, bn, s, w in tiles]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles whose operands cannot fit in shared memory for this head dim and dtype."""
+    """Drop tiles whose operands cannot fit in shared memory for this head dim and dtype (a
+    conservative estimate: the resident tile plus every pipeline stage of the streamed one)."""
     elem = 4 if named_args["Q"].dtype == torch.float32 else 2
     width = kwargs["BLOCK_D"] + kwargs["BLOCK_DV"]
     budget = 160 * 1024     # below the smallest of A100 (164 KB) and H100 (227 KB) per block
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        need = (bm * width + c.num_stages * bn * width) * elem
-        if need <= budget and (width <= 256 or bm * bn <= 128 * 64):
-            kept.append(c)
-    return kept or configs[-1:]
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_M"] + c.num_stages * c.kwargs["BLOCK_N"]) * width * elem <= budget
+            and (width <= 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    kept = kept or configs[-1:]
+    return kept if autotune_enabled() else kept[:1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,25 +137,20 @@ def _prune(configs, named_args, **kwargs):
 def _fwd_tile(
     acc, l_i, m_i,           # (BLOCK_M, BLOCK_DV) output accumulator, (BLOCK_M,) running sum and max
     q,                       # (BLOCK_M, BLOCK_D) query tile
-    k_base, v_base,          # K and V of this (batch, kv head, sequence start)
+    kt, v,                   # (BLOCK_D, BLOCK_N) K^T and (BLOCK_N, BLOCK_DV) V tiles of this key block
     mask_base, kpm_base,     # additive mask of this (batch, head); key padding row of this batch
     rows, start_n,           # (BLOCK_M,) query positions; first key of this tile
     q_len, k_len,
-    stride_ks, stride_vs, stride_mq, stride_mk,
+    stride_mq, stride_mk,
     qk_scale2,               # scale * log2(e)
     seed, drop_rows, drop_threshold,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,    # tile straddles the sequence end or the causal diagonal
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
     col_ok = cols < k_len
-    kt = tl.load(k_base + cols[None, :] * stride_ks + d[:, None],
-                 mask=(d < HEAD_DIM)[:, None] & col_ok[None, :], other=0.0)          # (BLOCK_D, BLOCK_N)
     s = mma(q, kt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION) * qk_scale2
     if HAS_MASK:
         bias = tl.load(mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
@@ -155,10 +173,44 @@ def _fwd_tile(
     if HAS_DROPOUT:
         keep = dropout_keep(seed, drop_rows[:, None] + cols[None, :], drop_threshold)
         p = tl.where(keep, p, 0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vs + dv[None, :],
-                mask=col_ok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)        # (BLOCK_N, BLOCK_DV)
     acc = mma(round_to(p, v.dtype), v, acc, DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@device_function
+def _fwd_load_kv(
+    k_base, v_base,          # pointer path: K and V of this (batch, kv head, sequence start)
+    KDesc, VDesc,            # TMA path: tensor descriptors of the whole K and V
+    b, hk, k_start, start_n, k_len,
+    stride_ks, stride_vs,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TMA: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """K^T (BLOCK_D, BLOCK_N) and V (BLOCK_N, BLOCK_DV) for keys start_n .. start_n + BLOCK_N - 1.
+
+    Pointer path: masked loads, zero past the sequence and the head dim. TMA path (Hopper): the
+    copy engine fills zeros past the tensor's bounds; in a packed (varlen) tensor the keys past a
+    sequence's end belong to the next sequence — only masked tiles reach there, and they mask them."""
+    if TMA:
+        if VARLEN:
+            row = (k_start + start_n).to(tl.int32)
+            k = KDesc.load([row, hk, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = VDesc.load([row, hk, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            k = KDesc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = VDesc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        kt = tl.trans(k)
+    else:
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        kt = tl.load(k_base + cols[None, :] * stride_ks + d[:, None],
+                     mask=(d < HEAD_DIM)[:, None] & col_ok[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + dv[None, :],
+                    mask=col_ok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
+    return kt, v
 
 
 @device_function
@@ -188,12 +240,15 @@ def _dropout_row_index(DropBase, b, h, rows, q_len, k_len, n_heads, seqlen_q, se
     return offset + seq_base + (h.to(tl.int64) * q_len + rows) * k_len
 
 
-@triton.autotune(configs=_fwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(_FWD_TILES, (32, 16), _set_descriptor_blocks), key=_FWD_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd(
     Q,               # (B, H, Sq, D) or packed (Tq, H, D), read through strides
     K,               # (B, Hk, Sk, D) or (Tk, Hk, D)
     V,               # (B, Hk, Sk, Dv) or (Tk, Hk, Dv)
+    KDesc,           # TMA: tensor descriptor of K (4-D, or 3-D when VARLEN); else unused
+    VDesc,           # TMA: tensor descriptor of V
     Out,             # (B, H, Sq, Dv) or (Tq, H, Dv)
     LSE,             # (B, H, Sq) or (H, Tq) float32
     Mask,            # additive mask, (B, H, Sq, Sk) through strides (stride 0 where broadcast)
@@ -218,6 +273,7 @@ def _attention_fwd(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,       # stream K/V with the tensor memory accelerator (Hopper and newer)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -227,9 +283,10 @@ def _attention_fwd(
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
+    hk = h // kv_group
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    hk64 = (h // kv_group).to(tl.int64)
+    hk64 = hk.to(tl.int64)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qs
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_ks
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vs
@@ -257,15 +314,17 @@ def _attention_fwd(
         full_end = k_len
     full_end = (full_end // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, rows, start_n,
-                                  q_len, k_len, stride_ks, stride_vs, stride_mq, stride_mk, qk_scale2,
-                                  seed, drop_rows, drop_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-                                  BLOCK_DV, False, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+        kt, v = _fwd_load_kv(k_base, v_base, KDesc, VDesc, b, hk, k_start, start_n, k_len, stride_ks, stride_vs,
+                             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, TMA, VARLEN)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, mask_base, kpm_base, rows, start_n, q_len, k_len,
+                                  stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold, BLOCK_N,
+                                  False, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, mask_base, kpm_base, rows, start_n,
-                                  q_len, k_len, stride_ks, stride_vs, stride_mq, stride_mk, qk_scale2,
-                                  seed, drop_rows, drop_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D,
-                                  BLOCK_DV, True, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+        kt, v = _fwd_load_kv(k_base, v_base, KDesc, VDesc, b, hk, k_start, start_n, k_len, stride_ks, stride_vs,
+                             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, TMA, VARLEN)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, mask_base, kpm_base, rows, start_n, q_len, k_len,
+                                  stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold, BLOCK_N,
+                                  True, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
 
     empty = l_i == 0.0                           # every key masked: output 0, lse -inf
     out = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
@@ -356,7 +415,8 @@ def _bwd_dkdv_tile(
     return dk, dv
 
 
-@triton.autotune(configs=_bwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(_DKDV_TILES, (16, 32)), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_bwd_dkdv(
     Q, K, V,         # as in the forward
@@ -493,7 +553,8 @@ def _bwd_dq_tile(
     return mma(round_to(ds, kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
 
 
-@triton.autotune(configs=_bwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(_DQ_TILES, (16, 32)), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_bwd_dq(
     Q, K, V, DO, LSE, Delta,
@@ -640,19 +701,44 @@ def _placeholder(t, fallback):
     return t if t is not None else fallback
 
 
+def tma_enabled() -> bool:
+    """The TMA forward path is opt-in (``FUSEDFORMER_TRITON_TMA=1``) until it has been validated and
+    timed on a Hopper GPU (docs/triton_kernels.md); read at each call."""
+    return os.environ.get("FUSEDFORMER_TRITON_TMA", "0") == "1"
+
+
+def _tma_descriptor(t: torch.Tensor, block: list[int]):
+    """A host-side tensor descriptor over ``t`` (its strides), or None where TMA cannot take it
+    (a GPU older than Hopper, a base or stride not 16-byte aligned)."""
+    if TensorDescriptor is None:
+        return None
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return None
+    if t.data_ptr() % 16 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
 def _forward(pb: _Problem, out, lse, lse_strides):
     for b0, b1 in pb.chunks():
         (mask, kpm, cu_q, cu_k, drop_base), mask_strides, offset = pb.common_args(b0, b1)
         q, k, v = (pb.batch_view(t, b0, b1) for t in (pb.q, pb.k, pb.v))
         o, lse_v = pb.batch_view(out, b0, b1), pb.batch_view(lse, b0, b1)
+        k_desc = v_desc = None
+        if tma_enabled():   # block shapes are set per autotuning configuration (_set_descriptor_blocks)
+            lead = [16, 1] if pb.varlen else [1, 1, 16]
+            k_desc = _tma_descriptor(k, lead + [max(16, next_pow2(pb.D))])
+            v_desc = _tma_descriptor(v, lead + [max(16, next_pow2(pb.Dv))])
+        use_tma = k_desc is not None and v_desc is not None
         grid = lambda meta: (triton.cdiv(pb.Sq, meta["BLOCK_M"]), pb.H, b1 - b0)  # noqa: E731
         _attention_fwd[grid](
-            q, k, v, o, lse_v, _placeholder(mask, q), _placeholder(kpm, q), cu_q, cu_k, drop_base,
+            q, k, v, k_desc if use_tma else k, v_desc if use_tma else v, o, lse_v,
+            _placeholder(mask, q), _placeholder(kpm, q), cu_q, cu_k, drop_base,
             *_bhs(q, pb.varlen), *_bhs(k, pb.varlen), *_bhs(v, pb.varlen), *_bhs(o, pb.varlen), *lse_strides,
             *mask_strides, kpm.stride(0) if kpm is not None else 0,
             pb.H, pb.H // pb.Hk, pb.Sq, pb.Sk, pb.scale * math.log2(math.e),
             pb.seed, offset, pb.threshold, pb.drop_scale, next_pow2(pb.Sq), next_pow2(pb.Sk),
-            **pb.constexprs())
+            TMA=use_tma, **pb.constexprs())
 
 
 def _backward(pb: _Problem, dout, out, lse, lse_strides, delta_strides, dq, dk, dv):
@@ -719,12 +805,11 @@ def attention_bwd(
     seed: Optional[torch.Tensor],
     offset: int,
 ):
-    """Returns ``(dq, dk, dv)`` (contiguous, the shapes of q, k, v) like ``reference.attention_bwd``."""
+    """Returns ``(dq, dk, dv)`` (the shapes and layouts of q, k, v) like ``reference.attention_bwd``."""
     pb = _Problem(q, k, v, attn_mask, _kpm_bytes(key_padding_mask), dropout_p, is_causal, scale, seed, offset)
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # Gradients in the layout of their inputs (as the custom op's fake implementation promises).
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # Delta follows the output rows (b, h, q): the same strides as lse.
     _backward(pb, dout, out, lse, lse.stride(), lse.stride(), dq, dk, dv)
     return dq, dk, dv
@@ -769,14 +854,12 @@ def attention_varlen_bwd(
     seed: Optional[torch.Tensor],
     offset: int,
 ):
-    """Returns ``(dq, dk, dv)`` (contiguous, the shapes of q, k, v)."""
+    """Returns ``(dq, dk, dv)`` (the shapes and layouts of q, k, v) like ``reference.attention_varlen_bwd``."""
     pb = _Problem(q, k, v, None, None, dropout_p, is_causal, scale, seed, offset, varlen=True,
                   cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, max_q=max_seqlen_q, max_k=max_seqlen_k)
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
-    # Zero-filled: tokens outside every sequence get no gradient.
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    # Zero-filled (tokens outside every sequence get no gradient), in the layout of their inputs.
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # Delta follows the output rows (t, h) of the packed (Tq, H, Dv) output.
     _backward(pb, dout, out, lse, (0, lse.stride(0), lse.stride(1)), (0, 1, pb.H), dq, dk, dv)
     return dq, dk, dv

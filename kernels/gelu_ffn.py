@@ -55,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_function, dot_precision, dropout_constants, dropout_keep, interpreting, mma, round_to, seed_value
+from ._common import (autotune_enabled, device_function, dot_precision, dropout_constants, dropout_keep,
+                      interpreting, mma, round_to, seed_value)
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -85,6 +86,21 @@ def _wgrad_configs():
     ]
     return [triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_R": r, "GROUP_P": 8}, num_stages=s, num_warps=w)
             for p, q, r, s, w in shapes]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Drop tiles whose pipelined operand tiles cannot fit in shared memory (160 KB: below both
+    A100's and H100's per-block limit); the first that fits when autotuning is off."""
+    elem = 4 if named_args["A"].dtype == torch.float32 else 2
+    kept = []
+    for c in configs:   # (rows, cols, reduction) tile of either kernel
+        m = c.kwargs.get("BLOCK_M", c.kwargs.get("BLOCK_P"))
+        n = c.kwargs.get("BLOCK_N", c.kwargs.get("BLOCK_Q"))
+        k = c.kwargs.get("BLOCK_K", c.kwargs.get("BLOCK_R"))
+        if c.num_stages * (m * k + k * n) * elem <= 160 * 1024:
+            kept.append(c)
+    kept = kept or configs[-1:]
+    return kept if autotune_enabled() else kept[:1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +144,8 @@ def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 # ------------------------------------------------------------------------------------------------
 # C = A B (+ epilogue)
 # ------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _gemm_epilogue(
     A,               # (M, K) left operand, read through (stride_am, stride_ak)
@@ -191,7 +208,8 @@ def _gemm_epilogue(
 # ------------------------------------------------------------------------------------------------
 # weight gradients: C = A^T B over the R rows (+ column sums of A, + GELU on B's tiles)
 # ------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_wgrad_configs(), key=["P", "Q", "R"])
+@triton.autotune(configs=_wgrad_configs(), key=["P", "Q", "R"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _gemm_wgrad(
     A,               # (R, P) contiguous: the output-side gradient (dz or dpre)

@@ -55,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_function, dropout_constants, dropout_keep, interpreting, next_pow2, num_sms, round_to, seed_value
+from ._common import (autotune_enabled, device_function, dropout_constants, dropout_keep, interpreting,
+                      next_pow2, num_sms, round_to, seed_value)
 
 # Widest row kept whole in registers (the `_rows` strategy); wider rows use `_chunked`. Read at
 # call time (tests lower it to reach the chunked path with small shapes).
@@ -77,7 +78,12 @@ def _prune_rows(configs, named_args, **kwargs):
     """Keep warp counts that give every thread between 1 and 64 elements of the tile."""
     elems = kwargs["BLOCK_M"] * kwargs["BLOCK_N"]
     kept = [c for c in configs if 32 * c.num_warps <= max(elems, 32) and elems <= 64 * 32 * c.num_warps]
-    return kept or configs[:1]
+    kept = kept or configs[:1]
+    return kept if autotune_enabled() else kept[:1]
+
+
+def _prune_chunks(configs, named_args, **kwargs):
+    return configs if autotune_enabled() else configs[:1]
 
 
 def _chunk_configs():
@@ -179,7 +185,8 @@ def _layer_norm_fwd_rows(
     tl.store(Y + offs, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["N"])
+@triton.autotune(configs=_chunk_configs(), key=["N"],
+                 prune_configs_by={"early_config_prune": _prune_chunks})
 @triton.jit
 def _layer_norm_fwd_chunked(
     X,               # (M, N) input rows
@@ -360,7 +367,8 @@ def _layer_norm_bwd_rows(
         tl.store(PartB + pid * N + cols, acc_db, mask=col_ok)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["N"])
+@triton.autotune(configs=_chunk_configs(), key=["N"],
+                 prune_configs_by={"early_config_prune": _prune_chunks})
 @triton.jit
 def _layer_norm_bwd_row_sums(
     DY,              # (M, N) gradient of y
@@ -399,7 +407,8 @@ def _layer_norm_bwd_row_sums(
         tl.store(C2 + row, tl.sum(sum_g, axis=0) / N)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["N"])
+@triton.autotune(configs=_chunk_configs(), key=["N"],
+                 prune_configs_by={"early_config_prune": _prune_chunks})
 @triton.jit
 def _layer_norm_bwd_chunked(
     DY,              # (M, N) gradient of y

@@ -210,6 +210,37 @@ def test_attention(case):
     check_against_reference("attention", fn, inputs, BACKEND, dtype, device, ["q", "k", "v"])
 
 
+TMA_CASES = ["seq33-gqa-causal", "sq>sk-d128-causal", "dropout-gqa-kpm", "strided-bshd"]
+
+
+@pytest.mark.parametrize("case", [c for c in ATTN_CASES if c[0] in TMA_CASES], ids=TMA_CASES)
+def test_attention_tma_path(monkeypatch, case):
+    """The forward with K/V streamed through tensor descriptors (the Hopper path, opt-in)."""
+    from fusedformer.kernels import attention as kernels
+    made = []
+
+    def spy(t, block):
+        made.append(real(t, block))
+        return made[-1]
+    real = kernels._tma_descriptor
+    monkeypatch.setenv("FUSEDFORMER_TRITON_TMA", "1")
+    monkeypatch.setattr(kernels, "_tma_descriptor", spy)
+    test_attention(case)
+    assert made and all(d is not None for d in made), "the TMA path was not taken"
+
+
+def test_attention_tma_falls_back_on_unaligned_strides(monkeypatch):
+    from fusedformer.kernels import attention as kernels
+    device = skip_unless_available(attention_module, BACKEND)
+    k = torch.randn(1, 2, 9, 17, device=device)          # 17 * 4 bytes: rows not 16-byte aligned
+    assert kernels._tma_descriptor(k, [1, 1, 16, 32]) is None
+    monkeypatch.setenv("FUSEDFORMER_TRITON_TMA", "1")
+    q = torch.randn(1, 2, 5, 17, device=device)
+    out = ff.attention(q, k, k, backend=BACKEND)
+    expected = ff.attention(q, k, k, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_dropout_is_the_shared_rng():
     """With V = identity the output rows are P * Z: zero exactly where fusedformer.rng drops."""
     device = skip_unless_available(attention_module, BACKEND)
