@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mlm (default), clm, or classify (a fine-tuning comparison)")
     cmp.add_argument("--backends", help="comma-separated backends, the first is the baseline "
                                         "(default reference,cpu)")
+    cmp.add_argument("--reuse-runs", action="store_true",
+                     help="keep a backend's finished run in --output-dir if its configuration is the same")
     cmp.add_argument("--in-process", action="store_true",
                      help="run the backends in this process (faster start; memory peaks less separable)")
     return parser
@@ -139,7 +141,7 @@ def make_config(cmd: str, given: dict) -> RunConfig:
     values = dict(DEFAULTS[cmd])
     if cmd == "compare" and given.get("objective") == "classify":
         values.update(DEFAULTS["finetune"], command="finetune", eval_samples=256)
-    given = {k: v for k, v in given.items() if k not in ("cmd", "quiet", "backends", "in_process")}
+    given = {k: v for k, v in given.items() if k not in ("cmd", "quiet", "backends", "in_process", "reuse_runs")}
     resume = given.pop("resume", None)
     if resume is not None:
         out = Path(resume or given.get("output_dir") or "")
@@ -172,6 +174,15 @@ def _setup_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
+def _quiet_transformers() -> None:
+    """Keep transformers' load reports and warnings off the driver's output (errors still show)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+
+
 def _one_line(exc: BaseException) -> str:
     return " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
@@ -192,6 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv and argv[0] == "_worker":  # one backend of `compare`, in its own process
             _setup_logging(quiet=False)
+            _quiet_transformers()
             from .trainer import run
             run(RunConfig.from_json(argv[1]))
             return 0
@@ -205,6 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not str(given.get("data", "bbc")).startswith("hf:"):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models only; never wait on a network
         cfg = make_config(args.cmd, given)
+        _quiet_transformers()
         if args.cmd == "compare":
             from .compare import format_table, run_compare
             backends = [b.strip() for b in given.get("backends", "reference,cpu").split(",") if b.strip()]
@@ -212,7 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 Path("runs") / (cfg.name or f"compare-{cfg.objective}-{Path(cfg.model).name}-"
                                              f"{time.strftime('%Y%m%d-%H%M%S')}")
             t0 = time.perf_counter()
-            result = run_compare(cfg, backends, out, isolate=not given.get("in_process", False))
+            result = run_compare(cfg, backends, out, isolate=not given.get("in_process", False),
+                                 reuse=given.get("reuse_runs", False))
             print(format_table(result))
             print(f"wrote {result['json_path']}" + (f" and {result['plot_path']}" if result["plot_path"] else "")
                   + f" ({time.perf_counter() - t0:.0f} s)")

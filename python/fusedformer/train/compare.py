@@ -220,9 +220,26 @@ def plot(runs: dict[str, dict], result: dict, path: Path, title: str) -> Optiona
     return path
 
 
-def run_compare(base: RunConfig, backends: list[str], output_dir: Path, isolate: bool = True) -> dict:
+#: RunConfig fields that do not change what a run computes.
+_COSMETIC = ("output_dir", "name", "resume", "overwrite", "progress", "tensorboard", "extra")
+
+
+def _reusable(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``cfg`` (ignoring cosmetic fields)."""
+    saved = run_dir / "run_config.json"
+    if not saved.is_file() or not (run_dir / "summary.json").is_file():
+        return False
+    a = {k: v for k, v in RunConfig.from_json(saved).to_dict().items() if k not in _COSMETIC}
+    b = {k: v for k, v in cfg.to_dict().items() if k not in _COSMETIC}
+    return a == b
+
+
+def run_compare(base: RunConfig, backends: list[str], output_dir: Path, isolate: bool = True,
+                reuse: bool = False) -> dict:
     """Run ``base`` once per backend into ``output_dir/<backend>`` and compare (see module doc).
-    Writes ``compare.json`` and ``compare.png`` there and returns the result."""
+    Writes ``compare.json`` and ``compare.png`` there and returns the result. With ``reuse``, a
+    backend whose folder already holds a finished run of the same configuration is not run again
+    (to add a backend to a comparison, or to run long comparisons one backend at a time)."""
     from . import distributed as distrib
     from .models import check_backend
 
@@ -240,13 +257,18 @@ def run_compare(base: RunConfig, backends: list[str], output_dir: Path, isolate:
     for b in backends:  # fail before any run starts
         check_backend(b, device)
     output_dir = Path(output_dir)
-    if (output_dir / "compare.json").is_file() and not base.overwrite:
-        raise TrainError(f"{output_dir} already holds a comparison; pass --overwrite or another --output-dir")
+    if (output_dir / "compare.json").is_file() and not (base.overwrite or reuse):
+        raise TrainError(f"{output_dir} already holds a comparison; pass --overwrite, --reuse-runs "
+                         "or another --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     runs: dict[str, dict] = {}
     for b in backends:
         cfg = base.replace(backend=b, output_dir=str(output_dir / b), name=None, resume=False)
+        if reuse and _reusable(cfg, output_dir / b):
+            log.info("compare: reusing the finished %s run in %s", b, cfg.output_dir)
+            runs[b] = read_log(output_dir / b)
+            continue
         log.info("compare: running %s (%d/%d) into %s", b, len(runs) + 1, len(backends), cfg.output_dir)
         if isolate:
             cfg_path = output_dir / f".{b}.run_config.json"

@@ -148,12 +148,29 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def full_model_state(model: torch.nn.Module, env: DistEnv) -> dict:
-    """The whole model's state dict on CPU (collective under FSDP; all ranks must call)."""
+def full_model_state(wrapped: torch.nn.Module, model: torch.nn.Module, env: DistEnv) -> dict:
+    """The state dict of ``model`` (the Hugging Face model inside ``wrapped``, held there as
+    ``.model``), whole and on the CPU. Collective under FSDP: every rank must call it."""
     if env.strategy == "fsdp" and env.enabled:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # the gathered copies of tied parameters are separate tensors: keep each parameter once,
+        # under its first name, as an unsharded state dict would
+        aliases = tied_aliases(model)
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return {k: v for k, v in state.items() if k not in aliases}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which an already-named parameter appears again (tied weights)."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.add(name)
+        seen.add(id(p))
+    return aliases
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:

@@ -61,21 +61,44 @@ def default_output_dir(cfg: RunConfig) -> Path:
 # ------------------------------------------------------------------------------------------------
 # losses
 # ------------------------------------------------------------------------------------------------
-def batch_loss(model: torch.nn.Module, b: Batch, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of cross-entropies, number of correct predictions)`` over the batch's loss terms."""
-    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-    logits = out.logits.float()
-    if objective == "mlm":
-        picked = b.labels != IGNORE_INDEX
-        logits, target = logits[picked], b.labels[picked]
-    elif objective == "clm":
-        logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        target = b.labels[:, 1:].reshape(-1)
-    else:
-        target = b.labels
-    loss = F.cross_entropy(logits, target, reduction="sum")
-    correct = (logits.detach().argmax(-1) == target).sum()
-    return loss, correct
+class LossModule(torch.nn.Module):
+    """The Hugging Face model plus its loss, as one module (what DDP/FSDP wrap).
+
+    ``forward`` returns ``(sum of cross-entropies, number of correct predictions)`` over the batch's
+    loss terms. For masked LM the prediction head runs only at the masked positions (~15% of the
+    tokens; the head's vocabulary-sized matmul would otherwise dominate a small model's step) — the
+    same loss as ``BertForMaskedLM``'s, computed on what it is computed on."""
+
+    def __init__(self, model: torch.nn.Module, objective: str):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        if self.objective == "mlm" and hasattr(m, "bert") and hasattr(m, "cls"):
+            hidden = m.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+            picked = labels != IGNORE_INDEX
+            logits, target = m.cls(hidden[picked]).float(), labels[picked]
+        else:
+            logits = m(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            if self.objective == "clm":
+                logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+                target = labels[:, 1:].reshape(-1)
+            elif self.objective == "mlm":
+                picked = labels != IGNORE_INDEX
+                logits, target = logits[picked], labels[picked]
+            else:
+                target = labels
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        correct = (logits.detach().argmax(-1) == target).sum()
+        return loss, correct
+
+
+def batch_loss(model: torch.nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the (wrapped) :class:`LossModule` on a batch."""
+    return model(b.input_ids, b.attention_mask, b.labels)
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int, warmup: int):
@@ -199,6 +222,11 @@ def run(cfg: RunConfig) -> dict:
     """Train as ``cfg`` says (joining torchrun's process group if launched by it). Returns the
     summary (also written to ``<output_dir>/summary.json``)."""
     cfg.validate()
+    try:  # the driver draws its own progress bar; keep transformers' (checkpoint writing) quiet
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     env = distrib.init(cfg.device, cfg.strategy)
     try:
         return _run(cfg, env)
@@ -250,7 +278,7 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else total_steps // 10
 
     # ---- optimisation state -------------------------------------------------------------------
-    model = distrib.wrap(model, env)
+    model = distrib.wrap(LossModule(model, cfg.objective), env)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -339,7 +367,7 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
             b = b.to(device)
             with distrib.maybe_no_sync(model, env, sync=(a == accum - 1)):
                 with autocast_context(precision, device):
-                    loss, _ = batch_loss(model, b, cfg.objective)
+                    loss, _ = batch_loss(model, b)
                 scaled = loss * (W / global_count)
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach().double()
@@ -423,7 +451,7 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
 def _save(out: Path, step: int, model, hf_model, optimizer, scheduler, scaler, tok, cfg: RunConfig,
           env: distrib.DistEnv, meta: dict) -> None:
     """Gather what a checkpoint needs on every rank (collectives), write it on rank 0."""
-    model_state = distrib.full_model_state(model, env)
+    model_state = distrib.full_model_state(model, hf_model, env)
     optim_state = distrib.full_optimizer_state(model, optimizer, env)
     rng = distrib.gather_objects(ckpt.capture_rng(), env)
     if env.is_main:
@@ -449,7 +477,7 @@ def run_eval(model, ds, tok: TextTokenizer, cfg: RunConfig, env: distrib.DistEnv
         b = collate(ds, mine[start:start + micro], tok, seed=cfg.seed, epoch=0,
                     mlm_probability=cfg.mlm_probability, eval_mode=True).to(env.device)
         with autocast_context(precision, env.device):
-            loss, right = batch_loss(model, b, cfg.objective)
+            loss, right = batch_loss(model, b)
         loss_sum += float(loss)
         correct += float(right)
         count += b.count
