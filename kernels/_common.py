@@ -7,10 +7,13 @@ dropout site, with ``n`` its row-major index in the logical tensor, is kept iff
         >= floor(p * 2**32)
 
 ``tl.philox(seed, c0, c1, 0, 0)`` computes exactly those four words (checked against
-``fusedformer.rng`` in tests/test_triton.py). :func:`dropout_keep` evaluates one Philox block per
-element and picks the word; four neighbouring elements therefore repeat the same block — simple
-and layout-independent, at four times the minimum integer work (a GPU-tuning item, see
-docs/triton_kernels.md).
+``fusedformer.rng`` in tests/test_triton.py). Two ways to draw a tile:
+
+* :func:`philox_draw` — one Philox block per element, picking the element's word: any index
+  layout, at four times the minimum generator work (four neighbours repeat a block);
+* :func:`philox_draw_rows` — for tiles whose rows start on a block boundary (row length and
+  offset multiples of 4, the common case): one block per four neighbours, its words interleaved
+  back into place. The kernels pick it with their ``*_ALIGNED4`` constexpr.
 
 Everything here is defined at import; nothing runs.
 """
@@ -71,19 +74,66 @@ def num_sms(device: torch.device) -> int:
 
 
 @device_function
+def philox_draw(
+    seed,          # scalar int: the dropout seed (64-bit)
+    idx,           # int64 tensor: offset + logical element index n, any shape
+):
+    """The uint32 draw of every element of ``idx`` (``fusedformer.rng``'s mapping)."""
+    block = idx >> 2
+    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, 0, 0)
+    word = idx & 3
+    return tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+
+
+@device_function
+def philox_draw_rows(
+    seed,                   # scalar int: the dropout seed
+    row_index,              # (R,) int64: offset + index of each row's element 0; multiples of 4
+    start,                  # first column of the tile; a multiple of 4
+    BLOCK_N: tl.constexpr,  # columns of the tile; a multiple of 4
+):
+    """The (R, BLOCK_N) draws of elements ``row_index[r] + start + c`` when every row starts on a
+    Philox block: one block per four neighbours, its four words interleaved back into column order
+    — a quarter of :func:`philox_draw`'s generator work."""
+    block = ((row_index + start) >> 2)[:, None] + tl.arange(0, BLOCK_N // 4)[None, :]
+    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, 0, 0)
+    # join(join(r0, r2), join(r1, r3))[r, j, a, b] is word 2a + b of block j: row-major = column order
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    return tl.reshape(words, [row_index.shape[0], BLOCK_N])
+
+
+@device_function
+def dropout_keep_rows(
+    seed,                       # scalar int: the dropout seed
+    row_index,                  # (R,) int64: offset + index of each row's element at column 0
+    start,                      # first column of the tile
+    threshold,                  # floor(p * 2**32)
+    BLOCK_N: tl.constexpr,      # columns of the tile (a multiple of 4)
+    ALIGNED4: tl.constexpr,     # every row_index and start a multiple of 4: philox_draw_rows
+    TRANSPOSED: tl.constexpr,   # return the (BLOCK_N, R) mask
+):
+    """Keep-mask of the (R, BLOCK_N) tile of elements ``row_index[r] + start + c``."""
+    if ALIGNED4:
+        draws = philox_draw_rows(seed, row_index, start, BLOCK_N)
+    else:
+        draws = philox_draw(seed, row_index[:, None] + (start + tl.arange(0, BLOCK_N))[None, :])
+    if TRANSPOSED:
+        draws = tl.trans(draws)
+    return draws >= tl.to_tensor(threshold).to(tl.uint32)
+
+
+@device_function
 def dropout_keep(
     seed,          # scalar int: the dropout seed (64-bit)
     idx,           # int64 tensor: offset + logical element index n, any shape
     threshold,     # scalar int: floor(p * 2**32); an element is kept iff its draw >= threshold
 ):
     """Boolean keep-mask of ``idx``'s shape (``fusedformer.rng``'s mapping)."""
-    block = idx >> 2
-    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (block >> 32).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, 0, 0)
-    word = idx & 3
-    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
-    return r >= tl.to_tensor(threshold).to(tl.uint32)
+    return philox_draw(seed, idx) >= tl.to_tensor(threshold).to(tl.uint32)
 
 
 # The CPU interpreter converts float32 -> bfloat16 by truncation (a GPU rounds to nearest even);

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune_enabled, device_function, dot_precision, dropout_constants, dropout_keep,
+from ._common import (autotune_enabled, device_function, dot_precision, dropout_constants, dropout_keep_rows,
                       interpreting, mma, next_pow2, round_to, seed_value)
 
 try:                            # host-side tensor descriptors (TMA): triton >= 3.4
@@ -89,7 +89,7 @@ def _check_head_dims(D: int, Dv: int) -> None:
 # Tiles are (BLOCK_M, BLOCK_N, stages, warps), best default first: with autotuning switched off
 # (FUSEDFORMER_TRITON_AUTOTUNE=0) the first tile that fits is used without timing.
 # Lengths enter the key as power-of-two buckets, so a new length does not re-tune.
-_TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_DROPOUT", "HAS_MASK"]
+_TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_DROPOUT", "HAS_MASK", "DROP_ALIGNED4"]
 _FWD_TUNE_KEY = _TUNE_KEY + ["TMA"]
 _FWD_TILES = [(128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 4, 8), (128, 32, 4, 4), (64, 64, 4, 4),
               (64, 64, 3, 4), (64, 32, 3, 4), (64, 32, 2, 4), (32, 32, 2, 4)]
@@ -147,7 +147,7 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,    # tile straddles the sequence end or the causal diagonal
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_len
@@ -171,7 +171,7 @@ def _fwd_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, drop_rows[:, None] + cols[None, :], drop_threshold)
+        keep = dropout_keep_rows(seed, drop_rows, start_n, drop_threshold, BLOCK_N, DROP_ALIGNED4, False)
         p = tl.where(keep, p, 0.0)
     acc = mma(round_to(p, v.dtype), v, acc, DOT_PRECISION)
     return acc, l_i, m_new
@@ -272,6 +272,7 @@ def _attention_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr,            # dropout rows start on Philox blocks (Sk, offset multiples of 4)
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,       # stream K/V with the tensor memory accelerator (Hopper and newer)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -318,13 +319,13 @@ def _attention_fwd(
                              HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, TMA, VARLEN)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, mask_base, kpm_base, rows, start_n, q_len, k_len,
                                   stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold, BLOCK_N,
-                                  False, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+                                  False, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
         kt, v = _fwd_load_kv(k_base, v_base, KDesc, VDesc, b, hk, k_start, start_n, k_len, stride_ks, stride_vs,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, TMA, VARLEN)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, mask_base, kpm_base, rows, start_n, q_len, k_len,
                                   stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold, BLOCK_N,
-                                  True, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+                                  True, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
 
     empty = l_i == 0.0                           # every key masked: output 0, lse -inf
     out = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
@@ -370,16 +371,16 @@ def _bwd_dkdv_tile(
     dk, dv,                  # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) float32 accumulators
     k, v,                    # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) this program's keys/values
     q_base, do_base, lse_base, delta_base, mask_base,
-    cols, pad, start_m,      # (BLOCK_N,) key positions and padding flags; first query row
+    cols, pad, start_n, start_m,   # (BLOCK_N,) key positions and padding flags; first key; first query row
     q_len, k_len,
     stride_qs, stride_dos, stride_ls, stride_ds, stride_mq, stride_mk,
     qk_scale2,
     seed, drop_base, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,    # tile straddles the causal diagonal
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Work in the transposed orientation (keys x queries) so that dK, dV come out row-major.
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -405,7 +406,8 @@ def _bwd_dkdv_tile(
         pt = tl.where(pad[:, None], 0.0, pt)
     dpt = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * k_len + cols[:, None], drop_threshold)
+        keep = dropout_keep_rows(seed, drop_base + rows.to(tl.int64) * k_len, start_n, drop_threshold, BLOCK_N,
+                             DROP_ALIGNED4, True)
         dv = mma(round_to(tl.where(keep, pt, 0.0), do.dtype), do, dv, DOT_PRECISION)
         dpt = tl.where(keep, dpt * drop_scale, 0.0)
     else:
@@ -443,6 +445,7 @@ def _attention_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr,            # dropout rows start on Philox blocks (Sk, offset multiples of 4)
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -490,16 +493,16 @@ def _attention_bwd_dkdv(
                                            offset, VARLEN)
         for start_m in range(lo, full_start, BLOCK_M):
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, cols, pad,
-                                    start_m, q_len, k_len, stride_qs, stride_dos, stride_ls, stride_ds,
+                                    n0, start_m, q_len, k_len, stride_qs, stride_dos, stride_ls, stride_ds,
                                     stride_mq, stride_mk, qk_scale2, seed, drop_base, drop_threshold, drop_scale,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, True, CAUSAL, HAS_MASK,
-                                    HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, HAS_MASK,
+                                    HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
         for start_m in range(full_start, q_len, BLOCK_M):
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, cols, pad,
-                                    start_m, q_len, k_len, stride_qs, stride_dos, stride_ls, stride_ds,
+                                    n0, start_m, q_len, k_len, stride_qs, stride_dos, stride_ls, stride_ds,
                                     stride_mq, stride_mk, qk_scale2, seed, drop_base, drop_threshold, drop_scale,
-                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, False, CAUSAL, HAS_MASK,
-                                    HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+                                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, HAS_MASK,
+                                    HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + k_rows[:, None] * stride_dks + d[None, :],
              round_to(dk, DK.dtype.element_ty), mask=col_ok[:, None] & (d < HEAD_DIM)[None, :])
@@ -521,7 +524,7 @@ def _bwd_dq_tile(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_len
@@ -547,7 +550,7 @@ def _bwd_dq_tile(
         p = tl.where(pad[None, :], 0.0, p)
     dp = mma(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, drop_rows[:, None] + cols[None, :], drop_threshold)
+        keep = dropout_keep_rows(seed, drop_rows, start_n, drop_threshold, BLOCK_N, DROP_ALIGNED4, False)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return mma(round_to(ds, kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
@@ -576,6 +579,7 @@ def _attention_bwd_dq(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr,            # dropout rows start on Philox blocks (Sk, offset multiples of 4)
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -620,12 +624,12 @@ def _attention_bwd_dq(
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, kpm_base, rows, start_n, q_len, k_len,
                           stride_ks, stride_vs, stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold,
                           drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, HAS_MASK,
-                          HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+                          HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, kpm_base, rows, start_n, q_len, k_len,
                           stride_ks, stride_vs, stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold,
                           drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, HAS_MASK,
-                          HAS_KPM, HAS_DROPOUT, DOT_PRECISION)
+                          HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + t_rows[:, None] * stride_dqs + d[None, :],
              round_to(dq * sm_scale, DQ.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
 
@@ -662,6 +666,8 @@ class _Problem:
         self.threshold, self.drop_scale = dropout_constants(dropout_p)
         self.has_dropout = dropout_p > 0.0
         self.seed, self.offset = seed_value(seed), int(offset)
+        # Every row of P starts on a Philox block: one block serves four neighbouring keys.
+        self.drop_aligned4 = self.has_dropout and not varlen and self.Sk % 4 == 0 and self.offset % 4 == 0
         self.drop_base = None
         if varlen and self.has_dropout:
             lq = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
@@ -686,7 +692,8 @@ class _Problem:
     def constexprs(self):
         return dict(HEAD_DIM=self.D, HEAD_DIM_V=self.Dv, BLOCK_D=max(16, next_pow2(self.D)),
                     BLOCK_DV=max(16, next_pow2(self.Dv)), CAUSAL=self.causal, HAS_MASK=self.mask is not None,
-                    HAS_KPM=self.kpm is not None, HAS_DROPOUT=self.has_dropout, VARLEN=self.varlen,
+                    HAS_KPM=self.kpm is not None, HAS_DROPOUT=self.has_dropout, DROP_ALIGNED4=self.drop_aligned4,
+                    VARLEN=self.varlen,
                     DOT_PRECISION=dot_precision(self.q.dtype))
 
     def chunks(self):

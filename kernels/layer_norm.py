@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune_enabled, device_function, dropout_constants, dropout_keep, interpreting,
+from ._common import (autotune_enabled, device_function, dropout_constants, dropout_keep_rows, interpreting,
                       next_pow2, num_sms, round_to, seed_value)
 
 # Widest row kept whole in registers (the `_rows` strategy); wider rows use `_chunked`. Read at
@@ -71,7 +71,7 @@ ROWS_TILE_ELEMS = 4096
 def _rows_configs():
     if interpreting():
         return [triton.Config({}, num_warps=1)]
-    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 2, 16, 1)]     # best default first
 
 
 def _prune_rows(configs, named_args, **kwargs):
@@ -96,12 +96,31 @@ def _chunk_configs():
 # shared pieces
 # ------------------------------------------------------------------------------------------------
 @device_function
+def _keep(
+    seed,
+    row_first,                  # offset + m * N for each row of the tile (a scalar when not ROWS)
+    start,                      # first column of the tile
+    threshold,
+    BLOCK_N: tl.constexpr,
+    ALIGNED4: tl.constexpr,     # N and offset multiples of 4: one Philox block per four elements
+    ROWS: tl.constexpr,         # a (rows, BLOCK_N) tile; else one row's (BLOCK_N,) chunk
+):
+    """Dropout keep-mask of the tile of elements ``row_first + start + c``."""
+    if ROWS:
+        return dropout_keep_rows(seed, row_first, start, threshold, BLOCK_N, ALIGNED4, False)
+    else:
+        one_row = tl.zeros([1], dtype=tl.int64) + row_first
+        return tl.reshape(dropout_keep_rows(seed, one_row, start, threshold, BLOCK_N, ALIGNED4, False), [BLOCK_N])
+
+
+@device_function
 def _prenorm_sum(
     X,               # (M, N) input rows
     R,               # (M, N) residual rows (read only if HAS_RESIDUAL)
     offs,            # int64 tile of linear element indices m * N + c
     mask,            # tile of valid elements
-    seed, offset, drop_threshold, drop_scale,
+    keep,            # tile of dropout keep flags (read only if HAS_DROPOUT)
+    drop_scale,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
 ):
@@ -109,7 +128,6 @@ def _prenorm_sum(
     x = tl.load(X + offs, mask=mask, other=0.0)
     h = x.to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, offset + offs, drop_threshold)
         h = round_to(tl.where(keep, h * drop_scale, 0.0), x.dtype).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + offs, mask=mask, other=0.0)
@@ -156,6 +174,7 @@ def _layer_norm_fwd_rows(
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
     STORE_H: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -166,7 +185,10 @@ def _layer_norm_fwd_rows(
     row_ok = rows < M
     mask = row_ok[:, None] & (cols < N)[None, :]
     offs = rows[:, None] * N + cols[None, :]
-    h = _prenorm_sum(X, R, offs, mask, seed, offset, drop_threshold, drop_scale, HAS_RESIDUAL, HAS_DROPOUT)
+    keep = mask
+    if HAS_DROPOUT:
+        keep = _keep(seed, offset + rows * N, 0, drop_threshold, BLOCK_N, DROP_ALIGNED4, True)
+    h = _prenorm_sum(X, R, offs, mask, keep, drop_scale, HAS_RESIDUAL, HAS_DROPOUT)
     if STORE_H:
         tl.store(Hout + offs, round_to(h, Hout.dtype.element_ty), mask=mask)
     if RMS:
@@ -203,6 +225,7 @@ def _layer_norm_fwd_chunked(
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
     STORE_H: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -218,8 +241,10 @@ def _layer_norm_fwd_chunked(
     for start in range(0, N, BLOCK_N):
         cols = start + lanes
         mask = cols < N
-        h = _prenorm_sum(X, R, base + cols, mask, seed, offset, drop_threshold, drop_scale,
-                         HAS_RESIDUAL, HAS_DROPOUT)
+        keep = mask
+        if HAS_DROPOUT:
+            keep = _keep(seed, offset + base, start, drop_threshold, BLOCK_N, DROP_ALIGNED4, False)
+        h = _prenorm_sum(X, R, base + cols, mask, keep, drop_scale, HAS_RESIDUAL, HAS_DROPOUT)
         if STORE_H:
             tl.store(Hout + base + cols, round_to(h, Hout.dtype.element_ty), mask=mask)
         if RMS:
@@ -259,6 +284,11 @@ def _layer_norm_fwd_chunked(
         tl.store(Y + base + cols, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
+def _aligned4(dropout_p: float, N: int, offset: int) -> bool:
+    """Every row of dropout indices starts on a Philox block (see ``_common.philox_draw_rows``)."""
+    return dropout_p > 0.0 and N % 4 == 0 and int(offset) % 4 == 0
+
+
 def layer_norm_fwd(
     x: torch.Tensor,                    # (M, N) input rows, contiguous
     residual: Optional[torch.Tensor],   # (M, N) added after dropout, or None
@@ -284,7 +314,8 @@ def layer_norm_fwd(
     args = (x, residual if residual is not None else x, weight if weight is not None else x,
             bias if bias is not None else x, y, h if store_h else x, mean if not rms else rstd, rstd,
             M, N, float(eps), seed_value(seed), int(offset), threshold, scale)
-    flags = dict(HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_H=store_h,
+    flags = dict(HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
+                 DROP_ALIGNED4=_aligned4(dropout_p, N, offset), STORE_H=store_h,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=bool(rms))
     if N <= ROWS_MAX_WIDTH:
         block_n = next_pow2(N)
@@ -319,6 +350,7 @@ def _layer_norm_bwd_rows(
     HAS_DH_IN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     RMS: tl.constexpr,
@@ -355,7 +387,7 @@ def _layer_norm_bwd_rows(
             dh += tl.load(DHin + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DH + offs, round_to(dh, DH.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offset + offs, drop_threshold)
+            keep = _keep(seed, offset + rows * N, 0, drop_threshold, BLOCK_N, DROP_ALIGNED4, True)
             tl.store(DX + offs, round_to(tl.where(keep, dh * drop_scale, 0.0), DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             acc_dw += tl.sum(dy * xhat, axis=0)
@@ -429,6 +461,7 @@ def _layer_norm_bwd_chunked(
     HAS_DH_IN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     RMS: tl.constexpr,
@@ -462,7 +495,8 @@ def _layer_norm_bwd_chunked(
             dh += tl.load(DHin + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DH + offs, round_to(dh, DH.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offset + offs, drop_threshold)
+            keep = _keep(seed, offset + tl.cast(row, tl.int64) * N, tl.program_id(1) * BLOCK_N, drop_threshold,
+                         BLOCK_N, DROP_ALIGNED4, False)
             tl.store(DX + offs, round_to(tl.where(keep, dh * drop_scale, 0.0), DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             acc_dw += dy * xhat
@@ -509,6 +543,7 @@ def layer_norm_bwd(
     part_w = h.new_empty((groups, N), dtype=torch.float32) if compute_dw else rstd
     part_b = h.new_empty((groups, N), dtype=torch.float32) if compute_db else rstd
     flags = dict(HAS_DH_IN=dh_out is not None, HAS_WEIGHT=weight is not None, HAS_DROPOUT=has_dropout,
+                 DROP_ALIGNED4=_aligned4(dropout_p, N, offset),
                  COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RMS=bool(rms))
     w_arg = weight if weight is not None else h
     mean_arg = mean if not rms else rstd

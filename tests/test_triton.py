@@ -127,13 +127,16 @@ def test_layer_norm_chunked_path_at_small_width(monkeypatch, rms):
                             device, grads)
 
 
+@pytest.mark.parametrize("offset", [7, 8], ids=["any-offset", "aligned-offset"])
 @pytest.mark.parametrize("strategy", ["rows", "chunked"])
-def test_layer_norm_dropout_is_the_shared_rng_and_backward_is_deterministic(monkeypatch, strategy):
+def test_layer_norm_dropout_is_the_shared_rng_and_backward_is_deterministic(monkeypatch, strategy, offset):
+    """Exactly fusedformer.rng's mask (with width and offset multiples of 4 the kernels draw one
+    Philox block per four elements), and bit-reproducible gradients."""
     device = skip_unless_available(layer_norm_module, BACKEND)
     if strategy == "chunked":
         from fusedformer.kernels import layer_norm as kernels
         monkeypatch.setattr(kernels, "ROWS_MAX_WIDTH", 64)
-    M, width, p, seed, offset = 3, 300, 0.3, 2024, 7
+    M, width, p, seed = 3, 300, 0.3, 2024
     x = (torch.rand(M, width, generator=_gen(1)) + 1.0).to(device).requires_grad_(True)   # never zero
     w = torch.randn(width, generator=_gen(2)).to(device).requires_grad_(True)
     b = torch.randn(width, generator=_gen(3)).to(device).requires_grad_(True)
@@ -164,9 +167,11 @@ ATTN_CASES = [
     ("additive-mask",     2, 2, 2, 19, 23, 32, 32, torch.float32, False, "float", False, 0.0, False),
     ("bool-mask-causal",  1, 2, 2, 17, 17, 24, 24, torch.bfloat16, True, "bool", False, 0.0, False),
     ("key-padding",       3, 2, 2, 18, 21, 32, 32, torch.float16, False, None, True, 0.0, False),
-    ("dropout-gqa-kpm",   2, 4, 2, 21, 19, 32, 32, torch.float32, False, None, True, 0.2, False),
+    ("dropout-gqa-kpm",   2, 4, 2, 21, 20, 32, 32, torch.float32, False, None, True, 0.2, False),  # Sk % 4 == 0
     ("dropout-causal",    1, 2, 1, 33, 33, 16, 24, torch.bfloat16, True, None, False, 0.3, False),
     ("strided-bshd",      2, 2, 2, 23, 23, 48, 48, torch.bfloat16, True, None, False, 0.0, True),
+    ("d8-dv3-causal",     1, 2, 2, 9, 11, 8, 3, torch.float32, True, None, False, 0.1, False),
+    ("d256",              1, 1, 1, 9, 12, 256, 256, torch.float32, False, None, False, 0.0, False),
 ]
 
 
@@ -205,7 +210,7 @@ def test_attention(case):
 
     def fn(t, backend):
         return ff.attention(t["q"], t["k"], t["v"], attn_mask=t["mask"], dropout_p=p, is_causal=causal,
-                            enable_gqa=H != Hk, key_padding_mask=t["kpm"], seed=777, offset=3,
+                            enable_gqa=H != Hk, key_padding_mask=t["kpm"], seed=777, offset=4,
                             return_lse=True, backend=backend)
     check_against_reference("attention", fn, inputs, BACKEND, dtype, device, ["q", "k", "v"])
 
@@ -241,10 +246,12 @@ def test_attention_tma_falls_back_on_unaligned_strides(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_dropout_is_the_shared_rng():
-    """With V = identity the output rows are P * Z: zero exactly where fusedformer.rng drops."""
+@pytest.mark.parametrize("offset", [9, 8], ids=["any-offset", "aligned-offset"])
+def test_attention_dropout_is_the_shared_rng(offset):
+    """With V = identity the output rows are P * Z: zero exactly where fusedformer.rng drops (with an
+    offset and Sk multiple of 4 the kernels generate one Philox block per four keys)."""
     device = skip_unless_available(attention_module, BACKEND)
-    B, H, Sq, Sk, p, seed, offset = 2, 2, 13, 24, 0.35, 4321, 9
+    B, H, Sq, Sk, p, seed = 2, 2, 13, 24, 0.35, 4321
     q = torch.randn(B, H, Sq, 16, generator=_gen(5)).to(device)
     k = torch.randn(B, H, Sk, 16, generator=_gen(6)).to(device)
     v = torch.eye(Sk).expand(B, H, Sk, Sk).contiguous().to(device)
@@ -296,7 +303,7 @@ def test_attention_head_dim_limit_is_a_reason():
 FFN_CASES = [  # (M, C, F, C2, dtype, approximate, dropout_p, biases)
     (7, 33, 65, 33, torch.float32, "none", 0.0, True),
     (7, 33, 65, 33, torch.bfloat16, "tanh", 0.2, True),
-    (37, 20, 48, 17, torch.float32, "tanh", 0.1, True),       # several row tiles: grouped tile order
+    (37, 20, 48, 16, torch.float32, "tanh", 0.1, True),       # several row tiles; C2 % 4 == 0
     (11, 24, 40, 24, torch.float16, "none", 0.0, False),      # no biases
 ]
 
@@ -314,14 +321,15 @@ def test_gelu_ffn(M, C, F, C2, dtype, approximate, dropout_p, biases):
 
     def fn(t, backend):
         return ff.gelu_ffn(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], approximate=approximate,
-                           dropout_p=dropout_p, seed=99, offset=11, backend=backend)
+                           dropout_p=dropout_p, seed=99, offset=12, backend=backend)
     grads = ["x", "w1", "w2"] + (["b1", "b2"] if biases else [])
     check_against_reference("gelu_ffn", fn, inputs, BACKEND, dtype, device, grads)
 
 
-def test_gelu_ffn_dropout_is_the_shared_rng():
+@pytest.mark.parametrize("offset", [2, 4], ids=["any-offset", "aligned-offset"])
+def test_gelu_ffn_dropout_is_the_shared_rng(offset):
     device = skip_unless_available(gelu_ffn_module, BACKEND)
-    M, C, F, C2, p, seed, offset = 9, 16, 32, 20, 0.4, 55, 2
+    M, C, F, C2, p, seed = 9, 16, 32, 20, 0.4, 55
     x = torch.randn(M, C, generator=_gen(11)).to(device)
     w1 = torch.randn(F, C, generator=_gen(12)).to(device) * 0.1
     w2 = torch.randn(C2, F, generator=_gen(13)).to(device) * 0.01
