@@ -467,7 +467,7 @@ def _attention_bwd_dkdv(
                 mask=col_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + k_rows[:, None] * stride_vs + dvr[None, :],
                 mask=col_ok[:, None] & (dvr < HEAD_DIM_V)[None, :], other=0.0)
-    pad = col_ok
+    pad = col_ok                    # placeholder: read only with a key padding mask
     if HAS_KPM:
         pad = tl.load(KPM + b64 * stride_pb + cols, mask=col_ok, other=1) != 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)

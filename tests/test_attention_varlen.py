@@ -196,3 +196,20 @@ def test_head_dim_limit_is_a_triton_reason():
     q = torch.randn(7, 1, 300)
     with pytest.raises(ff.BackendError, match="head dim 300 > 256"):
         ff.attention_varlen(q, q, q, _cu([3, 4]), _cu([3, 4]), 4, 4, backend="triton")
+
+
+def test_traces_with_torch_compile_without_graph_breaks():
+    """The custom ops' fake implementations let torch.compile trace forward and backward whole."""
+    q, k, v = _packed([4, 6], [5, 7], 2, 1, 8, 8, seed=8, dtype=torch.float32)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    cu_q, cu_k = _cu([4, 6]), _cu([5, 7])
+
+    def f(q, k, v):
+        return ff.attention_varlen(q, k, v, cu_q, cu_k, 6, 7, dropout_p=0.1, is_causal=True, seed=3,
+                                   backend="reference")
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    expected = f(q, k, v)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)

@@ -125,7 +125,8 @@ def _check_cu_seqlens(op: str, name: str, cu, total: int, device: torch.device, 
         raise TypeError(f"{op}: {max_name} must be an int, got {type(max_len).__name__}")
     if max_len < 0:
         raise ValueError(f"{op}: {max_name} must be >= 0, got {max_len}")
-    if cu.device.type == "cpu":  # validated where it costs no device synchronization
+    # Contents are validated where that costs no device synchronization (CPU tensors, eager mode).
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         lens = cu[1:] - cu[:-1]
         if int(cu[0]) != 0 or bool((lens < 0).any()) or int(cu[-1]) > total:
             raise ValueError(f"{op}: {name} must start at 0, never decrease and end at most at the token "
@@ -160,7 +161,8 @@ def attention_varlen(
             contiguous (strided views such as slices of a packed qkv tensor are fine).
         cu_seqlens_q, cu_seqlens_k: (nseq + 1,) int32 cumulative sequence lengths on q's device.
         max_seqlen_q, max_seqlen_k: the longest query / key sequence (the kernels size their grids
-            by them; checked against cu_seqlens only for CPU tensors, where that costs no sync).
+            by them; checked against cu_seqlens only for CPU tensors in eager mode, where that
+            costs no device synchronization).
         dropout_p, is_causal, scale, seed, offset, backend: as in ``fusedformer.attention``.
         return_lse: also return the natural-log log-sum-exp, (H, Tq) float32.
 
