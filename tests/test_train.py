@@ -111,6 +111,19 @@ def test_bbc_corpus_fixed_split():
     assert len(small.texts["train"]) == 40 and sorted(set(small.labels["train"])) == [0, 1, 2, 3, 4]
 
 
+def test_unreachable_hf_dataset_falls_back_to_bbc(caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    try:
+        data.bbc_data_dir()
+    except TrainError as exc:
+        pytest.skip(str(exc))
+    with caplog.at_level("WARNING", logger="fusedformer.train"):
+        c = data.load_corpus("hf:no-such-user/no-such-dataset", max_docs=16)
+    assert c.name == "bbc" and len(c.texts["train"]) == 16
+    assert "falling back to the built-in BBC News corpus" in caplog.text
+
+
 def test_step_sampler_and_masks_are_pure_functions():
     s1, s2 = data.StepSampler(100, 8, seed=3), data.StepSampler(100, 8, seed=3)
     for step in (0, 5, 12, 13, 30):
@@ -299,12 +312,14 @@ def test_missing_data_file(tmp_path, capsys):
     code, _, err = run_cli(["pretrain", "--data", str(tmp_path / "nope.txt"), "--steps", "2", "--quiet",
                             "--output-dir", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err, "does not exist", "--data")
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 def test_unknown_preset(tmp_path, capsys):
     code, _, err = run_cli(["pretrain", "--model", "gigantic", "--steps", "2", "--quiet",
                             "--output-dir", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err, "unknown preset", "tiny, mini, small, base")
+    assert not (tmp_path / "r").exists()
 
 
 def test_unsupported_model(corpus_dir, tmp_path, capsys):

@@ -199,10 +199,12 @@ def plot(runs: dict[str, dict], result: dict, path: Path, title: str) -> Optiona
                          ms=4, lw=1, label=f"{name} validation")
         if name != base:
             d = [(r["step"], abs(r["loss"] - base_loss[r["step"]])) for r in run["train"] if r["step"] in base_loss]
-            axes[1].semilogy([s for s, _ in d], [max(v, 1e-12) for _, v in d], lw=1, label=f"{name} vs {base}")
+            axes[1].plot([s for s, _ in d], [v for _, v in d], ".-", ms=3, lw=0.8, label=f"{name} vs {base}")
     axes[0].set(xlabel="step", ylabel="loss", title="loss")
     axes[0].legend(fontsize=8)
-    axes[1].set(xlabel="step", ylabel="|Δ train loss|", title=f"per-step difference from {base}")
+    axes[1].set_yscale("symlog", linthresh=1e-9)  # log scale that keeps exact agreement (0) visible
+    axes[1].set_ylim(bottom=0)
+    axes[1].set(xlabel="step", ylabel="|Δ train loss|  (0 = identical)", title=f"per-step difference from {base}")
     axes[1].legend(fontsize=8)
     names = [r["backend"] for r in result["rows"]]
     tps = [r["tokens_per_s"] or 0 for r in result["rows"]]
@@ -221,7 +223,7 @@ def plot(runs: dict[str, dict], result: dict, path: Path, title: str) -> Optiona
 
 
 #: RunConfig fields that do not change what a run computes.
-_COSMETIC = ("output_dir", "name", "resume", "overwrite", "progress", "tensorboard", "extra")
+_COSMETIC = ("output_dir", "name", "resume", "overwrite", "progress", "tensorboard")
 
 
 def _reusable(cfg: RunConfig, run_dir: Path) -> bool:

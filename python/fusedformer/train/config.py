@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,7 +78,6 @@ class RunConfig:
     peak_tflops: Optional[float] = None  # MFU denominator override (GPU)
     # more than one process
     strategy: str = "ddp"                # ddp | fsdp (under torchrun)
-    extra: dict = field(default_factory=dict)  # free-form notes carried into logs
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)

@@ -210,24 +210,26 @@ def load_hf(spec: str, text_field: str, label_field: str) -> Corpus:
     if "train" not in ds:
         raise TrainError(f"Hugging Face dataset {name!r} has no train split")
     valid_key = next((k for k in ("validation", "valid", "test") if k in ds), None)
-    texts, labels = {}, {}
-    for split, key in (("train", "train"), ("validation", valid_key), ("test", None)):
-        rows = ds[key] if key else []
-        texts[split] = [str(r[text_field]) for r in rows if str(r[text_field]).strip()] if key else []
-        if key and label_field in ds[key].column_names:
-            labels[split] = [int(r[label_field]) for r in rows if str(r[text_field]).strip()]
-    if not texts["validation"]:
-        all_texts = texts["train"]
-        texts["train"] = [t for i, t in enumerate(all_texts) if i % 10 != 1]
-        texts["validation"] = [t for i, t in enumerate(all_texts) if i % 10 == 1]
-        labels = {}
-    has_labels = set(labels) >= {"train", "validation"}
-    if has_labels:
-        labels.setdefault("test", [])
-        n = 1 + max(max(v) for v in labels.values() if v)
-        names = [str(i) for i in range(n)]
-    return Corpus(name, texts, labels if has_labels else None, names if has_labels else None,
-                  _hash("hf", spec, str(len(texts["train"]))))
+
+    def rows_of(key):
+        rows = [r for r in ds[key] if str(r[text_field]).strip()]
+        labels = [int(r[label_field]) for r in rows] if label_field in ds[key].column_names else None
+        return [str(r[text_field]) for r in rows], labels
+
+    train_texts, train_labels = rows_of("train")
+    if valid_key is not None:
+        valid_texts, valid_labels = rows_of(valid_key)
+    else:  # no validation split: every tenth training row
+        valid_texts = [t for i, t in enumerate(train_texts) if i % 10 == 1]
+        valid_labels = None if train_labels is None else [y for i, y in enumerate(train_labels) if i % 10 == 1]
+        train_texts = [t for i, t in enumerate(train_texts) if i % 10 != 1]
+        train_labels = None if train_labels is None else [y for i, y in enumerate(train_labels) if i % 10 != 1]
+    texts = {"train": train_texts, "validation": valid_texts, "test": []}
+    labels, names = None, None
+    if train_labels is not None and valid_labels is not None:
+        labels = {"train": train_labels, "validation": valid_labels, "test": []}
+        names = [str(i) for i in range(1 + max(train_labels + valid_labels))]
+    return Corpus(name, texts, labels, names, _hash("hf", spec, str(len(train_texts))))
 
 
 def load_corpus(data: str, valid_data: Optional[str] = None, text_field: str = "text",

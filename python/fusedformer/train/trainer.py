@@ -176,28 +176,33 @@ class JsonlLog:
             self._f = None
 
 
-def prepare_output_dir(cfg: RunConfig, env: distrib.DistEnv) -> tuple[Path, Optional[Path]]:
+def locate_run(cfg: RunConfig) -> tuple[Path, Optional[Path]]:
     """The run's folder and, when resuming, the checkpoint to resume from. Refuses to start a
-    fresh run on top of an existing one (nothing is deleted unless ``--overwrite``)."""
+    fresh run on top of an existing one unless ``--overwrite``. Changes nothing on disk."""
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     latest = ckpt.latest_checkpoint(out)
     if cfg.resume:
         if latest is None:
             raise TrainError(f"--resume: no complete checkpoint in {out}; start a new run without --resume")
         return out, latest
-    existing = latest is not None or (out / "log.jsonl").is_file()
-    if existing and not cfg.overwrite:
+    if (latest is not None or (out / "log.jsonl").is_file()) and not cfg.overwrite:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
                          "it, or choose another --output-dir")
+    return out, None
+
+
+def init_output_dir(out: Path, cfg: RunConfig, fresh: bool, env: distrib.DistEnv) -> None:
+    """Create the run folder (clearing an old run there if ``--overwrite``) and write the run's
+    configuration. Called once the data and model have loaded, so bad input changes nothing."""
     if env.is_main:
-        if existing:
+        if fresh:
             for _, path in ckpt.list_checkpoints(out):
                 shutil.rmtree(path)
             for name in ("log.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(out / "run_config.json")
     distrib.barrier(env)
-    return out, None
 
 
 def _check_resume_compatible(cfg: RunConfig, saved: RunConfig) -> None:
@@ -238,7 +243,7 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
     device = env.device
     check_backend(cfg.backend, device)
     precision = resolve_precision(cfg, device)
-    out, resume_from = prepare_output_dir(cfg, env)
+    out, resume_from = locate_run(cfg)
     if resume_from is not None:
         _check_resume_compatible(cfg, RunConfig.from_json(resume_from / "run_config.json"))
 
@@ -303,9 +308,8 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
     config = hf_model.config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    seq_for_flops = cfg.seq_len
     flops_per_token = train_flops_per_token(matmul_parameters(hf_model, cfg.objective), layers, width,
-                                            seq_for_flops)
+                                            cfg.seq_len)
     peak_tflops = gpu_peak_tflops(device, precision, cfg.peak_tflops)
     memory = PeakMemory(device)
     writer = None
@@ -315,9 +319,8 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
         except ImportError as exc:
             raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
         writer = SummaryWriter(str(out / "tensorboard"))
+    init_output_dir(out, cfg, resume_from is None, env)
     jlog = JsonlLog(out / "log.jsonl", env.is_main, start_step if resume_from is not None else None)
-    if env.is_main and resume_from is None:
-        cfg.to_json(out / "run_config.json")
     info = {"backend": cfg.backend, "device": str(device), "precision": precision, "world_size": W,
             "micro_batch_size": micro, "accumulation": accum, "total_steps": total_steps,
             "warmup_steps": warmup, "parameters": n_params, "converted": len(conversion["converted"]),
