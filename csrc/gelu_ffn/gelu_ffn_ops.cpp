@@ -1,0 +1,141 @@
+// fusedformer_C::gelu_ffn_fwd / gelu_ffn_bwd: schemas and the entry points.
+// Argument checks, allocation and launch only; the math lives in gelu_ffn_cpu.cpp (and, once
+// written, a CUDA file launched where marked below).
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include "common/checks.h"
+#include "gelu_ffn/gelu_ffn.h"
+
+namespace ff::gelu_ffn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// A contiguous matrix of the given shape, on x's device, of x's dtype.
+void check_matrix(const char* op, const char* name, const Tensor& t, const Tensor& x, int64_t rows, int64_t cols) {
+  FF_CHECK_ARG(t.defined(), op, name, " is undefined");
+  FF_CHECK_ARG(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, name, " has dtype ", t.scalar_type(), ", expected ",
+                   x.scalar_type(), " (x's dtype)");
+  FF_CHECK_ARG(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous(), op, name,
+               " must be a contiguous (", rows, ", ", cols, ") tensor, got ", t.sizes());
+}
+
+void check_bias(const char* op, const char* name, const OptTensor& b, const Tensor& x, int64_t n) {
+  if (!b.has_value()) return;
+  FF_CHECK_ARG(b->device() == x.device(), op, name, " is on ", b->device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(b->scalar_type() == x.scalar_type(), op, name, " has dtype ", b->scalar_type(), ", expected ",
+                   x.scalar_type());
+  FF_CHECK_ARG(b->dim() == 1 && b->size(0) == n && b->is_contiguous(), op, name, " must be a contiguous (", n,
+               ",) tensor, got ", b->sizes());
+}
+
+bool parse_approximate(const char* op, const std::string& approximate) {
+  FF_CHECK_ARG(approximate == "none" || approximate == "tanh", op, "approximate must be 'none' or 'tanh', got '",
+               approximate, "'");
+  return approximate == "tanh";
+}
+
+void check_x(const char* op, const Tensor& x) {
+  FF_CHECK_ARG(x.defined() && x.dim() == 2 && x.is_contiguous(), op, "x must be a contiguous (M, C) tensor, got ",
+               x.sizes());
+  TORCH_CHECK_TYPE(is_fast_dtype(x.scalar_type()), op, "x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  FF_CHECK_ARG(x.size(0) > 0 && x.size(1) > 0, op, "x is empty: ", x.sizes());
+}
+
+void check_dropout(const char* op, double p, int64_t offset) {
+  FF_CHECK_ARG(p >= 0.0 && p < 1.0, op, "dropout_p must be in [0, 1), got ", p);
+  FF_CHECK_ARG(offset >= 0, op, "offset must be >= 0, got ", offset);
+}
+
+std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
+                                        const OptTensor& b2, const std::string& approximate, double dropout_p,
+                                        int64_t seed, int64_t offset) {
+  constexpr const char* op = "fusedformer_C::gelu_ffn_fwd: ";
+  check_x(op, x);
+  const int64_t M = x.size(0), C = x.size(1);
+  FF_CHECK_ARG(w1.defined() && w1.dim() == 2 && w2.defined() && w2.dim() == 2, op, "w1 and w2 must be matrices");
+  const int64_t F = w1.size(0), C2 = w2.size(0);
+  FF_CHECK_ARG(F > 0 && C2 > 0, op, "w1 / w2 are empty");
+  check_matrix(op, "w1", w1, x, F, C);
+  check_matrix(op, "w2", w2, x, C2, F);
+  check_bias(op, "b1", b1, x, F);
+  check_bias(op, "b2", b2, x, C2);
+  check_dropout(op, dropout_p, offset);
+
+  const c10::DeviceGuard guard(x.device());
+  FwdArgs a;
+  a.x = x;
+  a.w1 = w1;
+  a.b1 = b1.has_value() ? *b1 : Tensor();
+  a.w2 = w2;
+  a.b2 = b2.has_value() ? *b2 : Tensor();
+  a.y = at::empty({M, C2}, x.options());
+  a.pre = at::empty({M, F}, x.options());
+  a.tanh = parse_approximate(op, approximate);
+  a.dropout = make_dropout(dropout_p, seed, offset);
+  // A CUDA kernel launches here for x.is_cuda() (under FF_WITH_CUDA); only the CPU impl is registered.
+  TORCH_CHECK(x.device().is_cpu(), op, "no kernel for ", x.device());
+  fwd_cpu(a);
+  return {a.y, a.pre};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy, const Tensor& x, const Tensor& w1,
+                                                                const Tensor& w2, const Tensor& pre,
+                                                                const std::string& approximate, double dropout_p,
+                                                                int64_t seed, int64_t offset, bool has_b1,
+                                                                bool has_b2) {
+  constexpr const char* op = "fusedformer_C::gelu_ffn_bwd: ";
+  check_x(op, x);
+  const int64_t M = x.size(0), C = x.size(1);
+  FF_CHECK_ARG(w1.defined() && w1.dim() == 2 && w2.defined() && w2.dim() == 2, op, "w1 and w2 must be matrices");
+  const int64_t F = w1.size(0), C2 = w2.size(0);
+  FF_CHECK_ARG(F > 0 && C2 > 0, op, "w1 / w2 are empty");
+  check_matrix(op, "w1", w1, x, F, C);
+  check_matrix(op, "w2", w2, x, C2, F);
+  check_matrix(op, "dy", dy, x, M, C2);
+  check_matrix(op, "pre", pre, x, M, F);
+  check_dropout(op, dropout_p, offset);
+
+  const c10::DeviceGuard guard(x.device());
+  BwdArgs a;
+  a.dy = dy;
+  a.x = x;
+  a.w1 = w1;
+  a.w2 = w2;
+  a.pre = pre;
+  a.dx = at::empty_like(x);
+  a.dw1 = at::empty_like(w1);
+  a.dw2 = at::empty_like(w2);
+  a.db1 = has_b1 ? at::empty({F}, x.options()) : Tensor();
+  a.db2 = has_b2 ? at::empty({C2}, x.options()) : Tensor();
+  a.tanh = parse_approximate(op, approximate);
+  a.dropout = make_dropout(dropout_p, seed, offset);
+  // A CUDA kernel launches here for x.is_cuda() (under FF_WITH_CUDA); only the CPU impl is registered.
+  TORCH_CHECK(x.device().is_cpu(), op, "no kernel for ", x.device());
+  bwd_cpu(a);
+  return {a.dx, a.dw1, has_b1 ? a.db1 : x.new_empty({0}), a.dw2, has_b2 ? a.db2 : x.new_empty({0})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
+  m.def("gelu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, float dropout_p, "
+        "int seed, int offset) -> (Tensor, Tensor)");
+  m.def("gelu_ffn_bwd(Tensor dy, Tensor x, Tensor w1, Tensor w2, Tensor pre, str approximate, float dropout_p, "
+        "int seed, int offset, bool has_b1, bool has_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedformer_C, CPU, m) {
+  m.impl("gelu_ffn_fwd", &gelu_ffn_fwd);
+  m.impl("gelu_ffn_bwd", &gelu_ffn_bwd);
+}
+
+}  // namespace ff::gelu_ffn
