@@ -26,6 +26,7 @@ import random
 import statistics
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -92,6 +93,7 @@ class Case:
     label: str                 # short text for the table
     x: object                  # the plot's x value (a number, or a name for a categorical sweep)
     series: str = ""           # the plot panel it goes to within its sweep (say "D=64 causal")
+    xname: str = ""            # what x is, for the plot's axis
 
     def config(self) -> str:
         return " ".join(f"{k}={_fmt_param(v)}" for k, v in self.params.items())
@@ -116,6 +118,10 @@ class Provider:
     own_rng: bool = False
 
 
+CHECK_FAILED = "check failed: "
+FAILED_BASELINE = "FAILED (timed only as the baseline): "
+
+
 class Unavailable(RuntimeError):
     """Raised by a provider's ``fn`` when it turns down these particular inputs (with the reason)."""
 
@@ -134,6 +140,27 @@ def backend_error_reason(exc: Exception, backend: str) -> str:
         if line.strip().startswith(f"{backend}:"):
             return line.strip()[len(backend) + 1:].strip()
     return str(exc).strip().splitlines()[0]
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, created on first use. The suite compiles one function at many shapes,
+    dtypes and flags: the recompile limit is raised so that dynamo never falls back to eager
+    silently (which would time eager code under the name ``compile``)."""
+    state: dict = {}
+
+    def run(*args):
+        if "fn" not in state:
+            import torch._dynamo.config as dynamo_config
+
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+            if hasattr(dynamo_config, "accumulated_recompile_limit"):
+                dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+            state["fn"] = torch.compile(fn)
+        return state["fn"](*args)
+
+    return run
 
 
 def select_providers(providers: Sequence[Provider], wanted: Optional[Sequence[str]]) -> list[Provider]:
@@ -189,7 +216,8 @@ def check_provider(op: str, provider: Provider, reference: Provider, make_inputs
 
     ``make_inputs(params, dtype, device)`` gives ``(tensors, leaves)``; it is called with
     float64 on the CPU for the exact reference, and the same values are cast for the other runs."""
-    if provider.own_rng and params.get("dropout_p", 0.0) > 0.0:
+    orig_p = params.get("dropout_p", 0.0)
+    if provider.own_rng and orig_p > 0.0:
         params = {**params, "dropout_p": 0.0}
         note = ", dropout off (own RNG)"
     else:
@@ -207,6 +235,11 @@ def check_provider(op: str, provider: Provider, reference: Provider, make_inputs
                 out[k] = v
         return out
 
+    if note:  # it must still accept dropout: one unchecked call at the real dropout rate
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            full = dict(params, dropout_p=orig_p)
+            run_for_check(provider, cast(dtype, device), leaves, full)
     outs, grads = run_for_check(provider, cast(dtype, device), leaves, params)
     base_outs, base_grads = run_for_check(reference, cast(dtype, device), leaves, params)
     ref_outs, ref_grads = run_for_check(reference, cast(torch.float64, torch.device("cpu")), leaves, params)
@@ -238,17 +271,20 @@ class Timing:
 @dataclass
 class TimingBudget:
     """How long to time each provider. On a CPU each sample repeats the call until it lasts at least
-    ``min_sample_s`` (timer resolution and jitter); samples are taken until ``min_samples`` and
-    ``seconds`` per provider are both reached, or ``max_samples``."""
+    ``min_sample_s`` (timer resolution and jitter). A provider stops taking samples at ``max_samples``,
+    or once it has ``min_samples`` and has run for ``seconds``, or — a slow one, say the unfused
+    reference with dropout — once it has 3 and has run for ``slow_seconds`` (or, a very slow one,
+    for 3 x ``slow_seconds`` whatever its count)."""
     seconds: float
     min_samples: int = 5
     max_samples: int = 50
     min_sample_s: float = 0.005
     warmup_s: float = 0.02
+    slow_seconds: float = 1.0
 
 
-QUICK_BUDGET = TimingBudget(seconds=0.25, min_samples=5, max_samples=30)
-FULL_BUDGET = TimingBudget(seconds=1.0, min_samples=10, max_samples=100)
+QUICK_BUDGET = TimingBudget(seconds=0.1, min_samples=5, max_samples=25, slow_seconds=0.6)
+FULL_BUDGET = TimingBudget(seconds=1.0, min_samples=10, max_samples=100, slow_seconds=10.0)
 
 
 def _quantiles(ts: Sequence[float]) -> Timing:
@@ -293,20 +329,28 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget: TimingBud
             results[name] = exc
     live = [n for n in fns if n in inner]
     samples: dict[str, list[float]] = {n: [] for n in live}
+    spent: dict[str, float] = {n: 0.0 for n in live}
+
+    def done(name: str) -> bool:
+        n, t = len(samples[name]), spent[name]
+        return (n >= budget.max_samples or (n >= budget.min_samples and t >= budget.seconds)
+                or (n >= 3 and t >= budget.slow_seconds) or t >= 3 * budget.slow_seconds)
+
     rng = random.Random(seed)
-    start = time.perf_counter()
     with _gc_paused():
-        for rnd in range(budget.max_samples):
-            order = live[:]
+        while True:
+            order = [n for n in live if not done(n)]
+            if not order:
+                break
             rng.shuffle(order)
             for name in order:
                 fn, n = fns[name], inner[name]
                 t0 = time.perf_counter()
                 for _ in range(n):
                     fn()
-                samples[name].append((time.perf_counter() - t0) / n)
-            if rnd + 1 >= budget.min_samples and time.perf_counter() - start >= budget.seconds * len(live):
-                break
+                dt = time.perf_counter() - t0
+                spent[name] += dt
+                samples[name].append(dt / n)
     for name in live:
         results[name] = _quantiles(samples[name])
     return results
@@ -423,7 +467,7 @@ def measure_ceilings(device: torch.device, dtypes: Sequence[torch.dtype], budget
     if device.type == "cuda":
         copy_bytes, n = 2**30, 8192
     else:  # past the last-level cache, and short enough for --quick
-        copy_bytes, n = 256 * 2**20, 1024
+        copy_bytes, n = 256 * 2**20, 2048
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     fns = {"copy": lambda: dst.copy_(src)}
@@ -441,8 +485,17 @@ def measure_ceilings(device: torch.device, dtypes: Sequence[torch.dtype], budget
     for dt in dtypes:
         t = timings[f"mm:{DTYPE_NAMES[dt]}"]
         ceil.matmul_tflops[dt] = 2 * n**3 / (t.p20_ms * 1e-3) / 1e12
-    del src, dst, mats
     return ceil
+
+
+def ceiling_rows(env: dict, ceilings: Ceilings) -> list[dict]:
+    """The ceilings as result rows (ceilings.csv), so every run's percentages can be traced."""
+    rows = [dict(env, op="ceiling", sweep="copy", config=ceilings.notes, dtype="float32", mode="-",
+                 provider="copy", status="ok", throughput=ceilings.copy_gbps, unit="GB/s")]
+    for dt, tf in ceilings.matmul_tflops.items():
+        rows.append(dict(env, op="ceiling", sweep="matmul", config=ceilings.notes, dtype=DTYPE_NAMES[dt],
+                         mode="-", provider="mm", status="ok", throughput=tf, unit="TFLOP/s"))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,20 +619,35 @@ def format_table(rows: Sequence[dict]) -> str:
         out.append(f"== {op} / {sweep} / {dtype} / {mode}   (speedup = {base} median / provider median)")
         head = ["config", "provider", "median ms", "p20-p80 ms", unit, "% ceil", "peak MB", "speedup"]
         lines = [head]
+        # A provider not timed for the same reason on every config is listed once, under the block.
+        statuses: dict[str, set] = {}
         for r in rs:
+            statuses.setdefault(r["provider"], set()).add(r["status"])
+        untimed = {p: next(iter(st)) for p, st in statuses.items() if len(st) == 1 and "ok" not in st}
+        rs = [r for r in rs if r["provider"] not in untimed]
+        notes: dict[str, str] = {}
+        for r in rs:
+            label = r.get("_label") or r["config"]
             if r["status"] != "ok":
-                lines.append([r["config"], r["provider"], r["status"]])
+                lines.append([label, r["provider"], r["status"]])
                 continue
-            lines.append([r["config"], r["provider"], _fmt(r["median_ms"]),
-                          f"{_fmt(r['p20_ms'])}-{_fmt(r['p80_ms'])}", _fmt(r["throughput"]),
-                          _fmt(r["pct_of_ceiling"], 2), _fmt(r["peak_mem_mb"]),
+            failed = str(r.get("check", "")).startswith(FAILED_BASELINE)
+            if failed:
+                notes[r["provider"]] = r["check"]
+            lines.append([label, r["provider"] + (" (!)" if failed else ""), _fmt(r.get("median_ms")),
+                          f"{_fmt(r.get('p20_ms'))}-{_fmt(r.get('p80_ms'))}", _fmt(r.get("throughput")),
+                          _fmt(r.get("pct_of_ceiling"), 2), _fmt(r.get("peak_mem_mb")),
                           (_fmt(r["speedup"]) + "x") if r.get("speedup") else ""])
-        widths = [max(len(l[i]) for l in lines if len(l) > i and len(l) > 3) for i in range(len(head))]
+        widths = [max(len(l[i]) for l in lines if len(l) > 3) for i in range(len(head))]
         for l in lines:
             if len(l) == 3:  # a provider that was not timed: its status runs to the end of the line
                 out.append("  " + "  ".join([l[0].ljust(widths[0]), l[1].ljust(widths[1]), l[2]]))
             else:
                 out.append("  " + "  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip())
+        for p, st in untimed.items():
+            out.append(f"  not timed, any config: {p}: {st}")
+        for p, note in notes.items():
+            out.append(f"  (!) {p} failed the check (last: {note[len(FAILED_BASELINE):]}); timed only as the baseline")
     return "\n".join(out)
 
 
@@ -618,12 +686,31 @@ def status_of(exc: BaseException, provider: str) -> str:
     return f"error: {_short_error(exc)}"
 
 
+def _record(r: dict, t: Timing, work: float, unit: str, ceilings: Ceilings, dtype: torch.dtype) -> None:
+    r.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, samples=t.samples)
+    if unit == "TFLOP/s":
+        r["throughput"] = work / (t.median_ms * 1e-3) / 1e12
+        ceiling = ceilings.matmul_tflops.get(dtype)
+    else:
+        r["throughput"] = work / (t.median_ms * 1e-3) / 1e9
+        ceiling = ceilings.copy_gbps
+    if ceiling:
+        r["ceiling"] = ceiling
+        r["pct_of_ceiling"] = 100.0 * r["throughput"] / ceiling
+
+
 def run_op(bench: OpBench, *, size: str, device: torch.device, dtypes: Sequence[torch.dtype],
            wanted: Optional[Sequence[str]], budget: TimingBudget, ceilings: Ceilings, env: dict,
-           modes: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Check, then time, every provider on every case, dtype and mode. Returns result rows."""
+           modes: Optional[Sequence[str]] = None, skipped: Optional[dict] = None,
+           baseline: Optional[str] = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Check, then time, every provider on every case, dtype and mode. Returns result rows.
+
+    ``skipped`` maps providers left out on purpose to the reason the table gives. A provider that
+    fails the check is not timed — except the ``baseline``: every speedup is measured against it, so
+    it is timed all the same and its row says, in the check column, that it failed and how."""
     rows: list[dict] = []
     modes = [m for m in (modes or bench.modes) if m in bench.modes]
+    memory_mode = "fwd+bwd" if "fwd+bwd" in modes else modes[-1]
     providers = select_providers(bench.providers(device), wanted)
     reference = next(p for p in bench.providers(device) if p.name == "reference")
     checked: dict[tuple, tuple[Optional[str], str]] = {}
@@ -631,28 +718,36 @@ def run_op(bench: OpBench, *, size: str, device: torch.device, dtypes: Sequence[
         for dtype in dtypes:
             dname = DTYPE_NAMES[dtype]
             log(f"  {bench.op} {case.sweep}: {case.label} {dname}")
-            row0 = dict(env, op=bench.op, sweep=case.sweep, config=case.config(), dtype=dname, unit=bench.unit)
+            row0 = dict(env, op=bench.op, sweep=case.sweep, config=case.config(), dtype=dname, unit=bench.unit,
+                        _x=case.x, _series=case.series, _xname=case.xname, _label=case.label)
             status: dict[str, str] = {}
             check_text: dict[str, str] = {}
             ready: list[Provider] = []
             for p in providers:
+                if skipped and p.name in skipped:
+                    status[p.name] = f"skipped: {skipped[p.name]}"
+                    continue
                 why = p.unavailable(device, dtype, case.params)
                 if why:
                     status[p.name] = f"unavailable: {why}"
                     continue
                 cparams = bench.check_params(case.params)
                 key = (p.name, dname, tuple(sorted(cparams.items())))
+                if p.name == "reference":
+                    checked[key] = (None, "is the reference")
                 if key not in checked:
                     try:
                         failure, text = check_provider(bench.op, p, reference, bench.make_inputs, cparams, dtype, device)
-                        checked[key] = (None if failure is None else f"check failed: {failure}", text)
+                        checked[key] = (None if failure is None else f"{CHECK_FAILED}{failure}", text)
                     except Exception as exc:
                         checked[key] = (status_of(exc, p.name), "")
                 failure, text = checked[key]
-                if failure:
+                if failure and p.name == baseline and failure.startswith(CHECK_FAILED):
+                    text = f"{FAILED_BASELINE}{failure[len(CHECK_FAILED):]}"
+                elif failure:
                     status[p.name] = failure
                     continue
-                check_text[p.name] = text + ("" if cparams == case.params else " at a smaller shape")
+                check_text[p.name] = text + ("" if cparams == case.params or p.name == "reference" else " at a smaller shape")
                 ready.append(p)
             for mode in modes:
                 mode_rows = {p.name: dict(row0, mode=mode, provider=p.name, status=status.get(p.name, "ok"),
@@ -667,33 +762,118 @@ def run_op(bench: OpBench, *, size: str, device: torch.device, dtypes: Sequence[
                     ready_now = []
                 else:
                     ready_now = ready
-                for p in ready_now:
-                    try:
-                        fns[p.name] = mode_runner(p, tensors, leaves, case.params, mode)
-                    except Exception as exc:
-                        mode_rows[p.name]["status"] = status_of(exc, p.name)
-                timings = time_providers(fns, device, budget) if fns else {}
+                # A CPU times every provider together (interleaved); a GPU one at a time, so that only
+                # one provider's retained graph and buffers occupy its memory.
+                groups = [ready_now] if device.type == "cpu" else [[p] for p in ready_now]
                 work = bench.work(case.params, mode, dtype)
-                for name, t in timings.items():
-                    r = mode_rows[name]
-                    if isinstance(t, BaseException):
-                        r["status"] = status_of(t, name)
-                        continue
-                    r.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, samples=t.samples)
-                    if bench.unit == "TFLOP/s":
-                        r["throughput"] = work / (t.median_ms * 1e-3) / 1e12
-                        ceiling = ceilings.matmul_tflops.get(dtype)
-                    else:
-                        r["throughput"] = work / (t.median_ms * 1e-3) / 1e9
-                        ceiling = ceilings.copy_gbps
-                    if ceiling:
-                        r["ceiling"] = ceiling
-                        r["pct_of_ceiling"] = 100.0 * r["throughput"] / ceiling
-                    try:
-                        r["peak_mem_mb"] = peak_memory_bytes(fns[name], device) / 2**20
-                    except Exception as exc:  # memory is a side measurement: note it, keep the timing
-                        r["check"] = (r["check"] + f"; peak memory not measured ({_short_error(exc)})").strip("; ")
+                for group in groups:
+                    for p in group:
+                        try:
+                            fns[p.name] = mode_runner(p, tensors, leaves, case.params, mode)
+                        except Exception as exc:
+                            mode_rows[p.name]["status"] = status_of(exc, p.name)
+                    timings = time_providers(fns, device, budget) if fns else {}
+                    for name, t in timings.items():
+                        r = mode_rows[name]
+                        if isinstance(t, BaseException):
+                            r["status"] = status_of(t, name)
+                            continue
+                        _record(r, t, work, bench.unit, ceilings, dtype)
+                        if device.type == "cpu" and mode != memory_mode:
+                            continue  # on a CPU it costs a profiled call: measured in training's mode only
+                        try:
+                            r["peak_mem_mb"] = peak_memory_bytes(fns[name], device) / 2**20
+                        except Exception as exc:  # a side measurement: note it, keep the timing
+                            r["check"] = (r["check"] + f"; peak memory not measured ({_short_error(exc)})").strip("; ")
+                    fns.clear()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 rows.extend(mode_rows.values())
                 del fns, tensors
                 gc.collect()
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest-benchmark (bench/conftest.py parametrizes each bench_<op>.py's test over these items)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class BenchItem:
+    case: Case
+    dtype: torch.dtype
+    mode: str
+    provider: str
+    device: torch.device
+
+
+def default_dtypes(op: str, device_type: str) -> list[torch.dtype]:
+    """What runs when no --dtype is given: float32 on a CPU (bfloat16 too for layer_norm, whose
+    CPU kernel is held to F.layer_norm in both); bfloat16 on a GPU (float32 too for layer_norm)."""
+    if device_type == "cpu":
+        return [torch.float32, torch.bfloat16] if op == "layer_norm" else [torch.float32]
+    return [torch.bfloat16, torch.float32] if op == "layer_norm" else [torch.bfloat16]
+
+
+def pytest_items(module, size: str, device: torch.device, wanted) -> tuple[list, list[str]]:
+    if hasattr(module, "pytest_items"):
+        return module.pytest_items(size, device, wanted)
+    bench = module.bench()
+    items, ids = [], []
+    for case in bench.cases(size, device):
+        for dtype in default_dtypes(bench.op, device.type):
+            for mode in bench.modes:
+                for p in select_providers(bench.providers(device), wanted):
+                    items.append(BenchItem(case, dtype, mode, p.name, device))
+                    ids.append(f"{case.sweep}:{case.label}-{DTYPE_NAMES[dtype]}-{mode}-{p.name}".replace(" ", "_"))
+    return items, ids
+
+
+_PYTEST_CHECKS: dict[tuple, tuple[Optional[str], str]] = {}
+
+
+def pytest_benchmark(benchmark, bench: OpBench, item: BenchItem) -> None:
+    """Check one provider against the reference, then time one mode of it with pytest-benchmark."""
+    import pytest
+
+    providers = {p.name: p for p in bench.providers(item.device)}
+    provider, reference = providers[item.provider], providers["reference"]
+    why = provider.unavailable(item.device, item.dtype, item.case.params)
+    if why:
+        pytest.skip(f"{item.provider}: {why}")
+    cparams = bench.check_params(item.case.params)
+    key = (bench.op, item.provider, DTYPE_NAMES[item.dtype], tuple(sorted(cparams.items())))
+    if key not in _PYTEST_CHECKS:
+        try:
+            failure, text = check_provider(bench.op, provider, reference, bench.make_inputs, cparams,
+                                           item.dtype, item.device)
+            _PYTEST_CHECKS[key] = (None if failure is None else f"{CHECK_FAILED}{failure}", text)
+        except Exception as exc:
+            _PYTEST_CHECKS[key] = (status_of(exc, item.provider), "")
+    failure, text = _PYTEST_CHECKS[key]
+    if failure:
+        if failure.startswith("check failed") and item.provider in FUSEDFORMER_BACKENDS:
+            pytest.fail(f"{item.provider}: {failure}")
+        pytest.skip(f"{item.provider}: {failure}")
+    tensors, leaves = bench.make_inputs(item.case.params, item.dtype, item.device)
+    try:
+        fn = mode_runner(provider, tensors, leaves, item.case.params, item.mode)
+        fn()
+    except Exception as exc:
+        pytest.skip(f"{item.provider}: {status_of(exc, item.provider)}")
+    if item.device.type == "cuda":
+        inner_fn = fn
+
+        def fn():
+            inner_fn()
+            torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t0
+    iterations = max(1, math.ceil(0.005 / max(once, 1e-9)))
+    work = bench.work(item.case.params, item.mode, item.dtype)
+    benchmark.extra_info.update(op=bench.op, config=item.case.config(), dtype=DTYPE_NAMES[item.dtype],
+                                mode=item.mode, provider=item.provider, check=text, unit=bench.unit)
+    benchmark.pedantic(fn, rounds=10, iterations=iterations, warmup_rounds=2)
+    median = benchmark.stats.stats.median
+    scale = 1e12 if bench.unit == "TFLOP/s" else 1e9
+    benchmark.extra_info["throughput"] = work / median / scale

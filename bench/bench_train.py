@@ -1,0 +1,272 @@
+"""The end-to-end training step: tokens/s of BERT-base MLM and GPT-2 small causal-LM training.
+
+One step = forward with the loss, backward, AdamW step (dropout on, as in training). Providers, all
+starting from the same randomly initialized Hugging Face model (no weights are downloaded):
+
+  hf-eager     Hugging Face with ``attn_implementation="eager"``
+  hf-sdpa      Hugging Face with ``attn_implementation="sdpa"`` (its default; the baseline)
+  compile      ``torch.compile`` of the hf-sdpa model
+  reference,   the hf-sdpa model after ``fusedformer.convert(model, backend)``: BertLayer / GPT2Block
+  cpu, cuda,   run fusedformer's attention, layer_norm and gelu_ffn on that backend
+  triton
+
+Check before timing: the loss of one evaluation batch (dropout off), held to the 2x rule against
+the same model in float64 (hf-eager), with hf-eager in the benchmark dtype as the base.
+
+--quick keeps the layers' shapes (width 768, 12 heads, FFN 3072) but builds 2 layers and an 8192-token
+vocabulary on 2 x 128 tokens; --full builds the real models (12 layers, real vocabularies) on 32 x 512
+(BERT) and 16 x 1024 (GPT-2) tokens. Peak memory is measured on a GPU only (on a CPU it would cost one
+more profiled step per provider, and AdamW's temporaries dominate it there).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import common
+
+OP = "train"
+
+
+def _configs(size: str) -> list[dict]:
+    if size == "quick":
+        return [{"model": "bert-base", "layers": 2, "vocab": 8192, "B": 2, "S": 128},
+                {"model": "gpt2-small", "layers": 2, "vocab": 8192, "B": 2, "S": 128}]
+    return [{"model": "bert-base", "layers": 12, "vocab": 30522, "B": 32, "S": 512},
+            {"model": "gpt2-small", "layers": 12, "vocab": 50257, "B": 16, "S": 1024}]
+
+
+def _build(cfg: dict, attn: str):
+    """A freshly initialized model (seed 0, so every provider starts from the same weights)."""
+    torch.manual_seed(0)
+    if cfg["model"] == "bert-base":
+        from transformers import BertConfig, BertForMaskedLM
+
+        config = BertConfig(vocab_size=cfg["vocab"], num_hidden_layers=cfg["layers"],
+                            max_position_embeddings=max(512, cfg["S"]))
+        config._attn_implementation = attn
+        return BertForMaskedLM(config)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    special = {} if cfg["vocab"] > 50256 else {"bos_token_id": 0, "eos_token_id": 0}  # a cut vocabulary
+    config = GPT2Config(vocab_size=cfg["vocab"], n_layer=cfg["layers"], n_positions=max(1024, cfg["S"]), **special)
+    config._attn_implementation = attn
+    return GPT2LMHeadModel(config)
+
+
+def _batch(cfg: dict, device: torch.device) -> dict:
+    """BERT: padded sequences (lengths in [S/2, S]) with 15% of the real tokens masked for MLM;
+    GPT-2: full sequences, next-token labels."""
+    gen = torch.Generator().manual_seed(0)
+    B, S, V = cfg["B"], cfg["S"], cfg["vocab"]
+    ids = torch.randint(0, V, (B, S), generator=gen)
+    if cfg["model"] != "bert-base":
+        return {"input_ids": ids.to(device), "labels": ids.to(device)}
+    lengths = torch.randint(S // 2, S + 1, (B,), generator=gen)
+    real = torch.arange(S)[None, :] < lengths[:, None]
+    chosen = (torch.rand(B, S, generator=gen) < 0.15) & real
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    return {"input_ids": ids.to(device), "attention_mask": real.long().to(device), "labels": labels.to(device)}
+
+
+def _convert_fn() -> tuple[Optional[Callable], Optional[str]]:
+    import fusedformer
+
+    fn = getattr(fusedformer, "convert", None)
+    if fn is None:
+        try:
+            from fusedformer.integrations import convert as fn
+        except ImportError as exc:
+            return None, f"fusedformer.convert is not available ({exc})"
+    return fn, None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Model:
+    """One provider's model, optimizer and batch: ``loss()`` for the check, ``step()`` to time."""
+
+    def __init__(self, provider: str, cfg: dict, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        attn = "eager" if provider == "hf-eager" else "sdpa"
+        model = _build(cfg, attn).to(device)
+        self.note = ""
+        if provider in common.FUSEDFORMER_BACKENDS:
+            convert, why = _convert_fn()
+            if convert is None:
+                raise common.Unavailable(why)
+            report = convert(model, provider)
+            if not getattr(report, "converted", True):
+                raise common.Unavailable(f"fusedformer.convert converted nothing in {cfg['model']}")
+            skipped = getattr(report, "skipped", [])
+            if skipped:
+                self.note = f"; convert left {len(skipped)} module(s) unfused"
+        self.model = model
+        self.run = torch.compile(model) if provider == "compile" else model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.batch = _batch(cfg, device)
+
+    def loss(self) -> torch.Tensor:
+        self.model.eval()
+        with torch.no_grad(), _autocast(self.device, self.dtype):
+            out = self.run(**self.batch).loss.detach().float()
+        self.model.train()
+        return out
+
+    def step(self) -> None:
+        with _autocast(self.device, self.dtype):
+            loss = self.run(**self.batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+PROVIDERS = ("hf-eager", "hf-sdpa", "compile") + common.FUSEDFORMER_BACKENDS
+
+
+def _static_reason(provider: str, device: torch.device) -> Optional[str]:
+    if provider == "cuda" and device.type != "cuda":
+        return "the cuda backend takes CUDA tensors"
+    if provider == "cpu" and device.type != "cpu":
+        return "the cpu backend takes CPU tensors"
+    if provider == "triton" and device.type != "cuda":
+        return "Triton kernels need a CUDA GPU (the CPU interpreter is for tests, not timing)"
+    if provider in common.FUSEDFORMER_BACKENDS:
+        return _convert_fn()[1]
+    return None
+
+
+def _reference_loss(cfg: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss of hf-eager in float64 on the CPU, loss of hf-eager in the benchmark dtype)."""
+    ref = _build(cfg, "eager").double().eval()
+    batch = _batch(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        ref64 = ref(**batch).loss.detach()
+    del ref
+    base = _Model("hf-eager", cfg, device, dtype).loss()
+    return ref64, base
+
+
+def run(*, size: str, device: torch.device, dtypes: Sequence[torch.dtype], wanted, budget: common.TimingBudget,
+        env: dict, skipped: Optional[dict] = None, baseline: Optional[str] = None,
+        log: Callable[[str], None] = print) -> list[dict]:
+    """Check, then time, every provider's training step (see the module docstring). A provider that
+    fails the check is not timed, except the ``baseline`` (its row says that it failed)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        log(f"  train: skipped — transformers is not installed ({exc}); pip install 'fusedformer[hf]'")
+        return [dict(env, op=OP, sweep="e2e", config=c["model"], dtype=common.DTYPE_NAMES[d], mode="train-step",
+                     provider="-", status="unavailable: transformers is not installed", unit="tokens/s")
+                for c in _configs(size) for d in dtypes]
+    names = [p for p in PROVIDERS if wanted is None or any(p == w or p.startswith(w + "-") for w in wanted)]
+    step_budget = common.TimingBudget(seconds=budget.seconds * 4, min_samples=3, max_samples=budget.max_samples,
+                                      min_sample_s=0.0, warmup_s=0.0)
+    rows = []
+    for cfg in _configs(size):
+        for dtype in dtypes:
+            dname = common.DTYPE_NAMES[dtype]
+            config = " ".join(f"{k}={v}" for k, v in cfg.items())
+            log(f"  train e2e: {config} {dname}")
+            row0 = dict(env, op=OP, sweep="e2e", config=config, dtype=dname, mode="train-step", unit="tokens/s",
+                        _x=cfg["model"], _series="")
+            out = {p: dict(row0, provider=p, status="ok", check="") for p in names}
+            ref64 = base = None
+            models: dict[str, _Model] = {}
+            for p in names:
+                why = _static_reason(p, device)
+                if skipped and p in skipped:
+                    out[p]["status"] = f"skipped: {skipped[p]}"
+                    continue
+                if why:
+                    out[p]["status"] = f"unavailable: {why}"
+                    continue
+                try:
+                    if ref64 is None:
+                        ref64, base = _reference_loss(cfg, device, dtype)
+                    m = _Model(p, cfg, device, dtype)
+                    failure, err, bound = common.rule_2x("loss", OP, m.loss(), ref64, base, dtype)
+                except Exception as exc:
+                    out[p]["status"] = common.status_of(exc, p)
+                    continue
+                if failure and p != baseline:
+                    out[p]["status"] = f"{common.CHECK_FAILED}{failure}"
+                    continue
+                out[p]["check"] = (f"{common.FAILED_BASELINE}{failure}" if failure
+                                   else f"ok (loss err {err:.1e} <= {bound:.1e}{m.note})")
+                models[p] = m
+            fns = {}
+            for p, m in models.items():
+                try:
+                    m.step()  # optimizer state, allocator, compilation
+                    if size != "quick":
+                        m.step()
+                    fns[p] = m.step
+                except Exception as exc:
+                    out[p]["status"] = common.status_of(exc, p)
+            timings = common.time_providers(fns, device, step_budget) if fns else {}
+            tokens = cfg["B"] * cfg["S"]
+            for p, t in timings.items():
+                r = out[p]
+                if isinstance(t, BaseException):
+                    r["status"] = common.status_of(t, p)
+                    continue
+                r.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, samples=t.samples,
+                         throughput=tokens / (t.median_ms * 1e-3))
+                if device.type == "cuda":
+                    r["peak_mem_mb"] = common.peak_memory_bytes(fns[p], device) / 2**20
+            rows.extend(out.values())
+            del models, fns
+            gc.collect()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest-benchmark
+# ------------------------------------------------------------------------------------------------
+def pytest_items(size: str, device: torch.device, wanted) -> tuple[list, list[str]]:
+    items, ids = [], []
+    for cfg in _configs(size):
+        for p in PROVIDERS:
+            if wanted is None or any(p == w or p.startswith(w + "-") for w in wanted):
+                items.append((cfg, p, device))
+                ids.append(f"{cfg['model']}-{p}")
+    return items, ids
+
+
+def test_train(benchmark, bench_item):
+    import pytest
+
+    cfg, provider, device = bench_item
+    dtype = common.default_dtypes(OP, device.type)[0]
+    pytest.importorskip("transformers")
+    why = _static_reason(provider, device)
+    if why:
+        pytest.skip(f"{provider}: {why}")
+    try:
+        ref64, base = _reference_loss(cfg, device, dtype)
+        m = _Model(provider, cfg, device, dtype)
+        failure, _, _ = common.rule_2x("loss", OP, m.loss(), ref64, base, dtype)
+        m.step()
+    except Exception as exc:
+        pytest.skip(f"{provider}: {common.status_of(exc, provider)}")
+    if failure:
+        if provider in common.FUSEDFORMER_BACKENDS:
+            pytest.fail(f"{provider}: check failed: {failure}")
+        pytest.skip(f"{provider}: check failed: {failure}")
+
+    def step():
+        m.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.extra_info.update(op=OP, model=cfg["model"], provider=provider, dtype=common.DTYPE_NAMES[dtype])
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["tokens_per_s"] = cfg["B"] * cfg["S"] / benchmark.stats.stats.median
