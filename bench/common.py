@@ -318,12 +318,12 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget: TimingBud
             t0 = time.perf_counter()
             fn()
             first = time.perf_counter() - t0
-            spent = first
-            while spent < budget.warmup_s:  # warm caches, allocator and any lazy init
+            warm = first
+            while warm < budget.warmup_s:  # warm caches, allocator and any lazy init
                 t0 = time.perf_counter()
                 fn()
                 first = time.perf_counter() - t0
-                spent += first
+                warm += first
             inner[name] = max(1, min(1000, math.ceil(budget.min_sample_s / max(first, 1e-9))))
         except Exception as exc:  # reported in the row, not raised
             results[name] = exc
@@ -339,20 +339,25 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget: TimingBud
     rng = random.Random(seed)
     with _gc_paused():
         while True:
-            order = [n for n in live if not done(n)]
+            order = [n for n in live if not done(n) and n not in results]
             if not order:
                 break
             rng.shuffle(order)
             for name in order:
                 fn, n = fns[name], inner[name]
                 t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
+                try:
+                    for _ in range(n):
+                        fn()
+                except Exception as exc:  # reported in the row, not raised
+                    results[name] = exc
+                    continue
                 dt = time.perf_counter() - t0
                 spent[name] += dt
                 samples[name].append(dt / n)
     for name in live:
-        results[name] = _quantiles(samples[name])
+        if name not in results:
+            results[name] = _quantiles(samples[name])
     return results
 
 
