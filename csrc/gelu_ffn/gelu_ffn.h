@@ -13,12 +13,11 @@
 //   gelu'(u) = Phi(u) + u phi(u)                                              (exact)
 //            = 0.5 (1 + t) + 0.5 u (1 - t^2) k (1 + 3 * 0.044715 u^2)          (tanh, t as above)
 //
-// What is fused: the GEMMs are torch's (at::mm into views, so MKL / oneDNN); every element-wise
-// step between them is one pass over a block of rows that the GEMM has just written and the next
-// GEMM is about to read: bias + GELU (storing pre), bias + dropout, dropout + db2, and GELU +
-// its derivative + db1. g and dpre never exist for all rows at once, only for one block.
-// Saved: pre (M, F) in the input dtype. dtypes: float32, bfloat16, float16 (element-wise math in
-// float32, GEMMs in the input dtype with float32 accumulation inside torch's BLAS).
+// What is fused: the GEMMs are torch's (at::mm_out into views of the outputs, so MKL / oneDNN);
+// every element-wise step between them is one pass: bias + GELU (writing pre and g), bias +
+// dropout, dropout + db2, and GELU + its derivative + db1 (recomputing g from pre).
+// Saved: pre (M, F) in the input dtype. dtypes: float32, bfloat16, float16; all math, the GEMMs
+// included, in float32 on the CPU (low-precision outputs are rounded once).
 #pragma once
 #include <ATen/core/Tensor.h>
 
