@@ -107,7 +107,7 @@ def final_metric(run: dict, objective: str) -> tuple[str, Optional[float]]:
     return f"validation {key}", ev.get(key)
 
 
-def analyse(runs: dict[str, dict], objective: str, fused_rng: dict[str, bool]) -> dict:
+def analyse(runs: dict[str, dict], objective: str, shared_rng: dict[str, bool]) -> dict:
     """The comparison of every run against the first (the baseline)."""
     names = list(runs)
     base = names[0]
@@ -125,7 +125,7 @@ def analyse(runs: dict[str, dict], objective: str, fused_rng: dict[str, bool]) -
         if name != base:
             agree = curve_agreement(base_loss, [r["loss"] for r in run["train"]])
             # the early check means something only when both runs share the dropout stream
-            same_stream = fused_rng.get(name, False) and fused_rng.get(base, False)
+            same_stream = shared_rng.get(name, False) and shared_rng.get(base, False)
             agree["early_check_applies"] = same_stream
             agree["agrees"] = agree["curve_ok"] and (agree["early_ok"] or not same_stream)
             row["vs_baseline"] = agree
@@ -170,7 +170,7 @@ def format_table(result: dict) -> str:
     notes = [f"baseline: {result['baseline']}; agrees = first {t['early_steps']} steps within "
              f"{t['early_rtol']:g} relative and {t['window']}-step smoothed curves within {t['curve_atol']:g} nats"]
     if any(r.get("vs_baseline") and not r["vs_baseline"]["early_check_applies"] for r in result["rows"]):
-        notes.append("* different dropout streams (unconverted torch model): only the smoothed-curve check applies")
+        notes.append("* different dropout masks (the unconverted torch model uses torch's dropout): only the smoothed-curve check applies")
     kind = next((r["peak_memory_kind"] for r in result["rows"] if r.get("peak_memory_kind")), None)
     if kind == "cpu_peak_rss":
         notes.append("peak MB: peak resident memory of the run's process (includes the Python/torch runtime)")
@@ -285,8 +285,9 @@ def run_compare(base: RunConfig, backends: list[str], output_dir: Path, isolate:
             run(cfg)
         runs[b] = read_log(output_dir / b)
 
-    fused = {b: b != "torch" for b in backends}
-    result = analyse(runs, base.objective, fused)
+    # runs share one dropout stream when they are all fused, or when there is no dropout at all
+    shared = {b: b != "torch" or base.dropout == 0.0 for b in backends}
+    result = analyse(runs, base.objective, shared)
     result.update({"objective": base.objective, "model": base.model, "steps": base.steps,
                    "epochs": base.epochs, "batch_size": base.batch_size, "seq_len": base.seq_len,
                    "seed": base.seed, "dropout": base.dropout, "data": base.data, "device": str(device),
