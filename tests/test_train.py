@@ -353,6 +353,8 @@ def test_bad_input_keeps_existing_checkpoints(corpus_dir, tmp_path, capsys):
     assert_one_line_error(code, err, "already holds a run", "--resume")
     code, _, err = run_cli(["pretrain", "--resume", str(out), "--seq-len", "16", "--quiet"], capsys)
     assert_one_line_error(code, err, "--seq-len", "same settings")
+    code, _, err = run_cli(["pretrain", "--resume", str(out), "--quiet"], capsys)
+    assert_one_line_error(code, err, "already has 2 steps", "larger --steps")
     code, _, err = run_cli(["pretrain", "--resume", str(tmp_path / "elsewhere"), "--quiet"], capsys)
     assert_one_line_error(code, err, "holds no run")
     if not torch.cuda.is_available():  # GPU-only precision on the CPU, even with --overwrite

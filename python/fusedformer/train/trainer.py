@@ -302,6 +302,9 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
         else:
             log.warning("resuming on %d processes a run saved on %d: dropout streams restart", W, len(rng))
             torch.manual_seed(_mix(cfg.seed, start_step, env.rank))
+        if start_step >= total_steps:
+            raise TrainError(f"--resume: the run in {out} already has {start_step} steps (its schedule has "
+                             f"{total_steps}); pass a larger --steps to continue it")
         log.info("resuming %s at step %d", out, start_step)
 
     # ---- accounting ---------------------------------------------------------------------------
