@@ -10,6 +10,7 @@ sweep. See bench/README.md for how to read them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated kernel modes from fwd, bwd, fwd+bwd (default: all three)")
     p.add_argument("--baseline", default=None, metavar="PROVIDER",
                    help="the provider speedups are relative to (default: torch for kernels, hf-sdpa for train)")
+    p.add_argument("--seconds", type=float, default=None, metavar="S",
+                   help="timing per provider and config, in seconds (default: 0.1 with --quick, 1 with "
+                        "--full); raise it for a careful run on a noisy machine")
     p.add_argument("--results", default=None, metavar="DIR",
                    help="where CSV rows and plots go (default: bench/results in a source checkout, "
                         "else ./fusedformer-bench-results)")
@@ -98,6 +102,8 @@ def _parse(argv: Optional[Sequence[str]]):
     bad = [m for m in args.modes if m not in common.MODES]
     if bad or not args.modes:
         parser.error(f"--modes: unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(common.MODES)}")
+    if args.seconds is not None and not (0 < args.seconds <= 600):
+        parser.error(f"--seconds: expected a number of seconds in (0, 600], got {args.seconds}")
     if args.baseline is not None and args.baseline not in KNOWN_PROVIDERS:
         parser.error(f"--baseline: unknown provider {args.baseline!r}; known: {', '.join(KNOWN_PROVIDERS)}")
     return args
@@ -125,6 +131,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     env = common.environment(device)
     budget = common.QUICK_BUDGET if args.size == "quick" else common.FULL_BUDGET
+    if args.seconds is not None:
+        budget = dataclasses.replace(budget, seconds=args.seconds, max_samples=max(budget.max_samples, 200),
+                                     slow_seconds=max(budget.slow_seconds, 3 * args.seconds))
     out_dir = results_dir(args.results)
     log(f"fusedformer-bench --{args.size} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda']}, git {env['git_sha']})")

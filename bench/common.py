@@ -145,7 +145,8 @@ def backend_error_reason(exc: Exception, backend: str) -> str:
 def compiled(fn: Callable) -> Callable:
     """``torch.compile(fn)``, created on first use. The suite compiles one function at many shapes,
     dtypes and flags: the recompile limit is raised so that dynamo never falls back to eager
-    silently (which would time eager code under the name ``compile``)."""
+    silently (which would time eager code under the name ``compile``). Donated buffers are turned
+    off (see below), which can cost compile's backward a little memory."""
     state: dict = {}
 
     def run(*args):
@@ -157,6 +158,12 @@ def compiled(fn: Callable) -> Callable:
                     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
             if hasattr(dynamo_config, "accumulated_recompile_limit"):
                 dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+            # The bwd mode replays the backward of one retained graph (retain_graph=True), which a
+            # compiled backward with donated buffers refuses; give up that memory reuse instead.
+            import torch._functorch.config as functorch_config
+
+            if hasattr(functorch_config, "donated_buffer"):
+                functorch_config.donated_buffer = False
             state["fn"] = torch.compile(fn)
         return state["fn"](*args)
 
