@@ -62,6 +62,15 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def restore_threads():
+    """Runs here use --threads 1 (several times faster on a busy machine); give the rest of the
+    session its thread count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "ffcache"
     monkeypatch.setenv("FUSEDFORMER_CACHE", str(cache))
@@ -71,7 +80,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 def base_args(corpus_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(corpus_dir / "docs.txt"), "--model", str(corpus_dir / "small.json"),
             "--vocab-size", "200", "--seq-len", "32", "--batch-size", "8", "--eval-every", "3",
-            "--eval-samples", "16", "--no-progress", "--quiet", "--output-dir", str(out), *extra]
+            "--eval-samples", "16", "--no-progress", "--quiet", "--threads", "1", "--output-dir", str(out), *extra]
 
 
 def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -208,7 +217,7 @@ def test_finetune_from_our_checkpoint(corpus_dir, tmp_path, capsys):
     ft = tmp_path / "ft"
     code, out, err = run_cli(["finetune", "--model", str(pre / "checkpoint-000003"), "--backend", "reference",
                               "--data", str(corpus_dir / "docs.jsonl"), "--steps", "20", "--lr", "3e-3",
-                              "--batch-size", "8", "--seq-len", "24", "--eval-every", "20", "--dropout", "0",
+                              "--batch-size", "8", "--seq-len", "24", "--eval-every", "20", "--dropout", "0", "--threads", "1",
                               "--no-progress", "--quiet", "--output-dir", str(ft)], capsys)
     assert code == 0, err
     evals = train_records(ft, "eval")

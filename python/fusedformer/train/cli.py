@@ -91,6 +91,8 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=PRECISIONS, help="auto (bf16 on a GPU, fp32 on the CPU), "
                                                            "fp32, bf16 or fp16 (autocast, GPU only)")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a busy "
+                                               "machine 1 can be several times faster)")
     g.add_argument("--seed", type=int, help="seeds the weights, dropout and data order (default 0)")
     g = p.add_argument_group("evaluation, logs and checkpoints")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps")

@@ -62,6 +62,7 @@ class RunConfig:
     dropout: Optional[float] = None      # overrides the model's hidden/attention dropout
     precision: str = "auto"              # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
     device: str = "auto"                 # auto | cpu | cuda
+    threads: Optional[int] = None        # CPU threads for torch (default: torch's choice)
     seed: int = 0
     # evaluation, logging, checkpoints
     eval_every: int = 50
@@ -122,7 +123,7 @@ class RunConfig:
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        for name in ("steps", "micro_batch_size", "save_every", "max_docs", "eval_samples"):
+        for name in ("steps", "micro_batch_size", "save_every", "max_docs", "eval_samples", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {value}")

@@ -232,6 +232,8 @@ def run(cfg: RunConfig) -> dict:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     env = distrib.init(cfg.device, cfg.strategy)
     try:
         return _run(cfg, env)
