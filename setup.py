@@ -69,8 +69,11 @@ def _plan():
         record["cpu_reason"] = record["cuda_reason"] = reason
         return [], record
 
-    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    # csrc/tests/ holds standalone C++ test programs (CMake/ctest), not extension sources
+    def sources(pattern):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if not p.startswith("csrc/tests/"))
+    cpp_sources = sources("csrc/**/*.cpp")
+    cu_sources = sources("csrc/**/*.cu")
     record["cpu"] = True
     record["torch_version"] = torch.__version__
 

@@ -32,10 +32,14 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/cpu_kernels.h"
 #include "gelu_ffn/gelu_ffn.h"
 
 namespace ff::gelu_ffn {
 namespace {
+
+using ff::cpu::dropout_row;
+using ff::cpu::exp_f32;
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
@@ -45,23 +49,6 @@ constexpr float kTanhC = 0.044715f;
 // ---------------------------------------------------------------------------------------------
 // Vectorizable float32 math (the same exp as attention_cpu.cpp)
 // ---------------------------------------------------------------------------------------------
-// exp(x) for x <= 88: x = n ln2 + r, Cephes' degree-6 polynomial for exp(r), 2^n through the
-// exponent bits; x < -87 (and -inf) gives 0 through an integer mask, so GCC if-converts it.
-__attribute__((always_inline)) inline float exp_f32(float x) {
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.f;
-  const float e = y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  const int32_t keep = -static_cast<int32_t>(!(x < -87.f));
-  return std::bit_cast<float>(std::bit_cast<int32_t>(e) & keep);
-}
 
 __attribute__((always_inline)) inline float abs_f32(float x) {
   return std::bit_cast<float>(std::bit_cast<uint32_t>(x) & 0x7fffffffu);
@@ -159,27 +146,6 @@ FF_CPU_CLONES void scale_row(const float* x, const float* z, float* out, int64_t
   for (int64_t j = 0; j < n; ++j) out[j] = x[j] * z[j];
 }
 
-// z[c] = dropout multiplier (0 or 1 / (1 - p)) of logical element first + c, for c < n; whole
-// Philox blocks in a vectorizable loop, ragged ends one by one.
-FF_CPU_CLONES void dropout_row(const DropoutParams& d, uint64_t first, float* z, int64_t n) {
-  const uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
-  const uint64_t i0 = d.offset + first;
-  int64_t c = 0;
-  for (; c < n && ((i0 + static_cast<uint64_t>(c)) & 3); ++c) z[c] = dropout_multiplier(d, first + c);
-  const int64_t blocks = (n - c) / 4;
-  const uint64_t block0 = (i0 + static_cast<uint64_t>(c)) >> 2;
-  float* zb = z + c;
-#pragma omp simd
-  for (int64_t t = 0; t < blocks; ++t) {
-    const uint64_t blk = block0 + static_cast<uint64_t>(t);
-    const Philox4 w = philox4x32_10(static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32), k0, k1);
-    zb[4 * t + 0] = w.w[0] >= d.threshold ? d.scale : 0.f;
-    zb[4 * t + 1] = w.w[1] >= d.threshold ? d.scale : 0.f;
-    zb[4 * t + 2] = w.w[2] >= d.threshold ? d.scale : 0.f;
-    zb[4 * t + 3] = w.w[3] >= d.threshold ? d.scale : 0.f;
-  }
-  for (c += 4 * blocks; c < n; ++c) z[c] = dropout_multiplier(d, first + c);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Blocking

@@ -12,10 +12,13 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/cpu_kernels.h"
 #include "layer_norm/layer_norm.h"
 
 namespace ff::layer_norm {
 namespace {
+
+using ff::cpu::dropout_row;
 
 // ---------------------------------------------------------------------------------------------
 // float32 row kernels (multi-versioned)
@@ -73,17 +76,6 @@ FF_CPU_CLONES void row_scale(const float* a, const float* m, float* out, int64_t
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] * m[i];
 }
 
-// mult[c] = dropout multiplier of logical element first + c, c < n (one Philox block per 4).
-void dropout_row(const DropoutParams& d, uint64_t first, float* mult, int64_t n) {
-  int64_t c = 0;
-  while (c < n) {
-    const uint64_t i = d.offset + first + static_cast<uint64_t>(c);
-    const Philox4 block = philox4x32_10(static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(i >> 34),
-                                        static_cast<uint32_t>(d.seed), static_cast<uint32_t>(d.seed >> 32));
-    for (int lane = static_cast<int>(i & 3); lane < 4 && c < n; ++lane, ++c)
-      mult[c] = block.w[lane] >= d.threshold ? d.scale : 0.f;
-  }
-}
 
 // Weight / bias as float32 buffers (ones / zeros when absent), whatever their dtype.
 std::vector<float> param_as_float(const void* p, c10::ScalarType t, int64_t n, float fill) {
