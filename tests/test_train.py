@@ -279,6 +279,8 @@ def test_curve_agreement_can_fail():
     base = [5.0 - 0.01 * i for i in range(50)]
     assert curve_agreement(base, [x * (1 + 1e-6) for x in base])["early_ok"]
     assert not curve_agreement(base, [x + 0.01 for x in base])["early_ok"]  # 2e-3 relative at once
+    assert not curve_agreement(base, [x * (1 + 5e-4) for x in base])["early_ok"]  # fp32 bound: 1e-4
+    assert curve_agreement(base, [x * (1 + 5e-4) for x in base], early_rtol=2e-2)["early_ok"]  # bf16
     drift = [x + (0.2 if i > 25 else 0.0) for i, x in enumerate(base)]
     verdict = curve_agreement(base, drift)
     assert verdict["early_ok"] and not verdict["curve_ok"]
