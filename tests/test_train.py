@@ -167,6 +167,17 @@ def test_mask_tokens_rate_and_specials(corpus_dir, private_cache):
     assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
 
 
+def test_trained_tokenizer_is_cached_with_canonical_ids(corpus_dir, private_cache):
+    from fusedformer.train.tokenizer import SPECIAL_TOKENS, train_tokenizer
+    c = data.load_corpus(str(corpus_dir / "docs.txt"))
+    tok = train_tokenizer(c.texts["train"], 200, c.fingerprint)
+    vocab = tok.tok.get_vocab()
+    ordered = sorted(vocab, key=vocab.get)
+    assert ordered[:5] == list(SPECIAL_TOKENS) and ordered[5:] == sorted(ordered[5:])
+    again = train_tokenizer(c.texts["train"], 200, c.fingerprint)  # from the cache
+    assert again.tok.to_str() == tok.tok.to_str() and again.source == tok.source
+
+
 def test_lr_schedule_warmup_and_decay():
     cfg = RunConfig(steps=100, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
     f = lr_lambda(cfg, 100, 10)

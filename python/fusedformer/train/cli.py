@@ -31,10 +31,12 @@ DEFAULTS = {
                  "batch_size": 32, "eval_every": 100, "save_every": 500},
     "finetune": {"command": "finetune", "objective": "classify", "model": "minilm", "epochs": 3.0,
                  "lr": 1e-4, "batch_size": 16, "eval_every": 50, "eval_samples": None, "save_every": None},
-    # compare's default is the README's first command: a few minutes on a 2-core CPU, dropout on
+    # compare's default is the README's first command: a few minutes on a 2-core CPU, dropout on.
+    # One thread per run: the tiny model gains little from more, and on a machine busy with other
+    # work one thread was 7-25x faster than two (OpenMP threads waiting on each other).
     "compare": {"command": "pretrain", "objective": "mlm", "model": "tiny", "steps": 100, "lr": 2e-3,
                 "batch_size": 16, "seq_len": 64, "dropout": 0.1, "eval_every": 25, "eval_samples": 128,
-                "warmup_steps": 10},
+                "warmup_steps": 10, "threads": 1},
     # `compare --objective classify`: MiniLM on the BBC topics (the docs' fine-tuning result). Dropout
     # is off by default: the reference backend draws its dropout masks with Philox in plain PyTorch,
     # which at MiniLM's sizes costs far more than the model itself on a CPU.
@@ -171,11 +173,22 @@ def make_config(cmd: str, given: dict) -> RunConfig:
     return RunConfig.from_dict(values).validate()
 
 
+class _BarFriendlyHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # no tqdm, or a stream it cannot write to
+            super().emit(record)
+
+
 def _setup_logging(quiet: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logger = logging.getLogger("fusedformer.train")
     logger.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BarFriendlyHandler(sys.stderr)
     prefix = f"[{PROG}{'' if rank == 0 else f' rank {rank}'}] "
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     logger.addHandler(handler)

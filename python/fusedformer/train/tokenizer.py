@@ -105,18 +105,32 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, corpus_fingerprint: s
     """A lower-cased WordPiece tokenizer trained on ``texts``, cached under the user cache dir by
     (corpus fingerprint, vocabulary size): the second call with the same corpus loads it."""
     tokenizers = _require_tokenizers()
-    key = hashlib.sha256(f"wordpiece-v1|{corpus_fingerprint}|{vocab_size}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"wordpiece-v2|{corpus_fingerprint}|{vocab_size}".encode()).hexdigest()[:16]
     path = cache_dir() / "tokenizers" / f"wordpiece-{vocab_size}-{key}.json"
     if path.is_file():
         return load_tokenizer(path)
     log.info("training a %d-token WordPiece tokenizer on the corpus (cached at %s)", vocab_size, path)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    tok.decoder = tokenizers.decoders.WordPiece()
+    trained = _wordpiece(tokenizers, tokenizers.models.WordPiece(unk_token="[UNK]"))
     trainer = tokenizers.trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=2,
                                                    special_tokens=list(SPECIAL_TOKENS),
                                                    show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    trained.train_from_iterator(list(texts), trainer=trainer)
+    # The trainer breaks ties between equally frequent candidates in an order that changes from
+    # process to process (hash-map iteration): its ids, and a few tokens at the vocabulary's edge,
+    # vary between trainings. WordPiece encodes by vocabulary membership only, so the ids are made
+    # canonical here (special tokens first, then sorted); the cache makes every later run on this
+    # machine use this very tokenizer, and --tokenizer PATH pins one across machines.
+    words = [t for t in trained.get_vocab() if t not in SPECIAL_TOKENS]
+    vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + sorted(words))}
+    tok = _wordpiece(tokenizers, tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
     atomic_write_text(path, tok.to_str())
     return load_tokenizer(path)
+
+
+def _wordpiece(tokenizers, model):
+    """A BERT-style (lower-cased, BERT pre-tokenized) tokenizer around a WordPiece ``model``."""
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    return tok
