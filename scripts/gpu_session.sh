@@ -30,6 +30,6 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   if python3 -c "import fusedformer.bench" 2> /dev/null; then
-    python3 -m fusedformer.bench.cli --full --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -60
+    python3 -m fusedformer.bench.cli --full --device cuda --results "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -60
   fi
 fi
