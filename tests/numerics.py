@@ -12,16 +12,7 @@ from __future__ import annotations
 
 import torch
 
-# Absolute slack on top of twice the reference's own error, per op and dtype.
-ATOL = {
-    "layer_norm": {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3},
-    "attention": {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3},
-    "gelu_ffn": {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3},
-}
-# float32's tight bound: relative to the largest reference magnitude (matmul-heavy ops accumulate
-# over long dot products, hence their looser factor).
-F32_ATOL = 1e-5
-F32_RTOL = {"layer_norm": 1e-5, "attention": 2e-5, "gelu_ffn": 5e-5}
+from fusedformer.tolerances import ATOL, F32_ATOL, F32_RTOL  # noqa: F401  (the one table)
 
 
 def assert_2x(name: str, op: str, out: torch.Tensor, ref64: torch.Tensor, base: torch.Tensor,

@@ -159,6 +159,12 @@ def triton_reasons(op: str, extra: Optional[Callable[[dict], list[str]]] = None)
     return reasons
 
 
+def triton_kernels_installed(module: str) -> bool:
+    """Whether ``fusedformer.kernels.<module>`` exists (without importing it, hence Triton)."""
+    import importlib.util
+    return importlib.util.find_spec(f"fusedformer.kernels.{module}") is not None
+
+
 def native_op(name: str):
     """``torch.ops.fusedformer_C.<name>`` (only called once ``native_reason`` said it exists)."""
     return getattr(torch.ops.fusedformer_C, name)

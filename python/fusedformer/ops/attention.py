@@ -44,10 +44,6 @@ def _load_triton():
     return kernels.attention_fwd, kernels.attention_bwd
 
 
-def _triton_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("fusedformer.kernels.attention") is not None
-
 
 TABLE: dict[str, backends.Impl] = {
     "reference": backends.Impl(lambda: (reference.attention_fwd, reference.attention_bwd),
@@ -55,7 +51,7 @@ TABLE: dict[str, backends.Impl] = {
     "cpu": backends.Impl(_load_native, C.native_reasons(OP, "cpu")),
     "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda")),
 }
-if _triton_available():
+if C.triton_kernels_installed("attention"):
     TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP, extra=lambda i: [
         f"{name} {i[key]} > 256" for key, name in (("head_dim", "head dim"), ("head_dim_v", "value head dim"))
         if i.get(key, 0) > 256]))

@@ -36,10 +36,6 @@ def _load_triton():
     return kernels.attention_varlen_fwd, kernels.attention_varlen_bwd
 
 
-def _triton_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("fusedformer.kernels.attention") is not None
-
 
 def _triton_limits(inputs: dict) -> list[str]:
     return [f"{name} {inputs[key]} > {MAX_TRITON_HEAD_DIM}" for key, name in
@@ -50,7 +46,7 @@ TABLE: dict[str, backends.Impl] = {
     "reference": backends.Impl(lambda: (reference.attention_varlen_fwd, reference.attention_varlen_bwd),
                                C.reference_reasons),
 }
-if _triton_available():
+if C.triton_kernels_installed("attention"):
     TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP, extra=_triton_limits))
 
 

@@ -36,17 +36,13 @@ def _load_triton():
     return kernels.gelu_ffn_fwd, kernels.gelu_ffn_bwd
 
 
-def _triton_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("fusedformer.kernels.gelu_ffn") is not None
-
 
 TABLE: dict[str, backends.Impl] = {
     "reference": backends.Impl(lambda: (reference.gelu_ffn_fwd, reference.gelu_ffn_bwd), C.reference_reasons),
     "cpu": backends.Impl(_load_native, C.native_reasons(OP, "cpu")),
     "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda")),
 }
-if _triton_available():
+if C.triton_kernels_installed("gelu_ffn"):
     TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP))
 
 

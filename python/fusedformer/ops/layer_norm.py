@@ -41,10 +41,6 @@ def _load_triton():
     return kernels.layer_norm_fwd, kernels.layer_norm_bwd
 
 
-def _triton_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("fusedformer.kernels.layer_norm") is not None
-
 
 TABLE: dict[str, backends.Impl] = {
     "reference": backends.Impl(lambda: (reference.layer_norm_fwd, reference.layer_norm_bwd),
@@ -52,7 +48,7 @@ TABLE: dict[str, backends.Impl] = {
     "cpu": backends.Impl(_load_native, C.native_reasons(OP, "cpu")),
     "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda")),
 }
-if _triton_available():
+if C.triton_kernels_installed("layer_norm"):
     TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP))
 
 
