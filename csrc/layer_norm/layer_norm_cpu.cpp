@@ -23,20 +23,40 @@ using ff::cpu::dropout_row;
 // ---------------------------------------------------------------------------------------------
 // float32 row kernels (multi-versioned)
 // ---------------------------------------------------------------------------------------------
+// Row reductions keep kLanes independent partial sums (four AVX-512 registers, eight AVX2 ones):
+// a single vector accumulator would serialize on the add latency. The partials are added in a
+// fixed order, so a row's statistics do not depend on the clone that ran.
+constexpr int64_t kLanes = 64;
+
 FF_CPU_CLONES float row_sum(const float* x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+  }
+  for (int64_t j = 0; i + j < n; ++j) acc[j] += x[i + j];
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += x[i];
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
   return s;
 }
 
 FF_CPU_CLONES float row_sum_sq(const float* x, int64_t n, float center) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = x[i] - center;
-    s += d * d;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float d = x[i + j] - center;
+      acc[j] += d * d;
+    }
   }
+  for (int64_t j = 0; i + j < n; ++j) {
+    const float d = x[i + j] - center;
+    acc[j] += d * d;
+  }
+  float s = 0.f;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
   return s;
 }
 
@@ -51,13 +71,27 @@ FF_CPU_CLONES void row_normalize(const float* h, const float* w, const float* b,
 FF_CPU_CLONES void row_backward(const float* h, const float* dy, const float* w, const float* dh_out,
                                 float mean, float rstd, bool rms, float* dh, float* dw_acc, float* db_acc,
                                 int64_t n) {
+  float acc_gx[kLanes] = {}, acc_g[kLanes] = {};
+  int64_t i0 = 0;
+  for (; i0 + kLanes <= n; i0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float xhat = (h[i0 + j] - mean) * rstd;
+      const float g = dy[i0 + j] * w[i0 + j];
+      acc_gx[j] += g * xhat;
+      acc_g[j] += g;
+    }
+  }
+  for (int64_t j = 0; i0 + j < n; ++j) {
+    const float xhat = (h[i0 + j] - mean) * rstd;
+    const float g = dy[i0 + j] * w[i0 + j];
+    acc_gx[j] += g * xhat;
+    acc_g[j] += g;
+  }
   float s_gx = 0.f, s_g = 0.f;
-#pragma omp simd reduction(+ : s_gx, s_g)
-  for (int64_t i = 0; i < n; ++i) {
-    const float xhat = (h[i] - mean) * rstd;
-    const float g = dy[i] * w[i];
-    s_gx += g * xhat;
-    s_g += g;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    s_gx += acc_gx[j];
+    s_g += acc_g[j];
   }
   const float c1 = s_gx / static_cast<float>(n);
   const float c2 = rms ? 0.f : s_g / static_cast<float>(n);
