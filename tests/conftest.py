@@ -46,6 +46,18 @@ def skip_unless_available(op_module, backend: str) -> torch.device:
     return device
 
 
+def args_with(good: dict, **changes) -> tuple[dict, dict]:
+    """A bad-input case: the positional arguments ``good`` with some replaced (a value, or a function
+    of the good value), and every change naming no argument passed as a keyword argument."""
+    args, kwargs = dict(good), {}
+    for name, value in changes.items():
+        if name in args:
+            args[name] = value(args[name]) if callable(value) else value
+        else:
+            kwargs[name] = value
+    return args, kwargs
+
+
 @pytest.fixture(params=list(backends.BACKENDS))
 def backend(request):
     return request.param

@@ -15,7 +15,7 @@ from fusedformer import rng
 from fusedformer.backends import BackendError
 from fusedformer.ops import attention as op_module
 
-from conftest import HAS_GPU, skip_unless_available
+from conftest import HAS_GPU, args_with, skip_unless_available
 from numerics import check_against_reference
 
 INTERPRETER_SKIP = "interpreter: covered by tests/test_triton.py; the full sweep runs on GPU"
@@ -277,14 +277,7 @@ def _good():
 
 
 def _with(**changes):
-    args = _good()
-    kwargs = {}
-    for name, value in changes.items():
-        if name in args:
-            args[name] = value(args[name]) if callable(value) else value
-        else:
-            kwargs[name] = value
-    return args, kwargs
+    return args_with(_good(), **changes)
 
 
 BAD = {
