@@ -23,9 +23,14 @@ python3 -m fusedformer info | tee "$OUT/info.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # the whole suite on the GPU (GPU-marked tests included), then the CUDA kernels under compute-sanitizer
   python3 -m pytest tests -q -x -p no:cacheprovider --timeout=900 2>&1 | tee "$OUT/tests.txt" | tail -25
+  # every CUDA kernel on a small sweep of awkward shapes under compute-sanitizer (memcheck, racecheck)
   if command -v compute-sanitizer > /dev/null; then
-    compute-sanitizer --tool memcheck python3 -m pytest tests -q -m gpu -k "cuda and small" -p no:cacheprovider \
-      > "$OUT/memcheck.txt" 2>&1; tail -3 "$OUT/memcheck.txt"
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_sweep.py \
+      > "$OUT/memcheck.txt" 2>&1; echo "memcheck exit $?" | tee -a "$OUT/memcheck.txt"; tail -6 "$OUT/memcheck.txt"
+    compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_sweep.py --quick \
+      > "$OUT/racecheck.txt" 2>&1; echo "racecheck exit $?" | tee -a "$OUT/racecheck.txt"; tail -6 "$OUT/racecheck.txt"
+  else
+    echo "compute-sanitizer not found: memcheck / racecheck not run" | tee -a "$OUT/session.txt"
   fi
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
