@@ -13,7 +13,10 @@
 //   gelu'(u) = Phi(u) + u phi(u)                                              (exact)
 //            = 0.5 (1 + t) + 0.5 u (1 - t^2) k (1 + 3 * 0.044715 u^2)          (tanh, t as above)
 //
-// What is fused: the GEMMs are torch's (at::mm_out into views of the outputs, so MKL / oneDNN);
+// CUDA (gelu_ffn_cuda.cuh, float16 / bfloat16): bias + GELU, bias + dropout and GELU' + db1 are
+// the epilogues of tensor-core GEMMs; dw1, dw2, dx are cuBLAS; db1 = sum of the rounded dpre.
+//
+// CPU — what is fused: the GEMMs are torch's (at::mm_out into views of the outputs, so MKL / oneDNN);
 // every element-wise step between them is one pass: bias + GELU (writing pre and g), bias +
 // dropout, dropout + db2, and GELU + its derivative + db1 (recomputing g from pre).
 // Saved: pre (M, F) in the input dtype. dtypes: float32, bfloat16, float16; all math, the GEMMs
@@ -54,7 +57,11 @@ struct BwdArgs {
 
 void fwd_cpu(const FwdArgs& a);
 void bwd_cpu(const BwdArgs& a);
-// A CUDA implementation adds fwd_cuda / bwd_cuda here (under FF_WITH_CUDA) and its launch in
-// gelu_ffn_ops.cpp.
+#ifdef FF_WITH_CUDA
+// float16 / bfloat16 only; C, F and C2 multiples of 8; x, w1, w2, dy, pre 16-byte aligned
+// (gelu_ffn_ops.cpp checks or arranges all of it). Kernels: gelu_ffn_cuda.cuh.
+void fwd_cuda(const FwdArgs& a);
+void bwd_cuda(const BwdArgs& a);
+#endif
 
 }  // namespace ff::gelu_ffn

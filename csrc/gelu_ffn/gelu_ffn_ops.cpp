@@ -1,10 +1,13 @@
 // fusedformer_C::gelu_ffn_fwd / gelu_ffn_bwd: schemas and the entry points.
-// Argument checks, allocation and launch only; the math lives in gelu_ffn_cpu.cpp (and, once
-// written, a CUDA file launched where marked below).
+// Argument checks, allocation and launch only; the math lives in gelu_ffn_cpu.cpp and
+// gelu_ffn_cuda.cuh (entry points gelu_ffn_cuda_fwd.cu / gelu_ffn_cuda_bwd.cu).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -55,6 +58,26 @@ void check_dropout(const char* op, double p, int64_t offset) {
   FF_CHECK_ARG(offset >= 0, op, "offset must be >= 0, got ", offset);
 }
 
+#ifdef FF_WITH_CUDA
+// The CUDA kernels' limits (gelu_ffn_cuda.cuh): tensor-core GEMMs on float16 / bfloat16, rows
+// copied in 16-byte chunks (8 elements), so every width must be a multiple of 8.
+void check_cuda_limits(const char* op, const Tensor& x, int64_t C, int64_t F, int64_t C2) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "x has dtype ",
+                   x.scalar_type(), "; the CUDA kernels take float16 or bfloat16");
+  FF_CHECK_ARG(C % 8 == 0 && F % 8 == 0 && C2 % 8 == 0, op,
+               "the CUDA kernels need C, F and C2 to be multiples of 8 (16-byte row chunks), got C = ", C,
+               ", F = ", F, ", C2 = ", C2);
+  FF_CHECK_ARG(std::max({C, F, C2}) <= std::numeric_limits<int32_t>::max(), op,
+               "the CUDA kernels need C, F and C2 below 2^31, got C = ", C, ", F = ", F, ", C2 = ", C2);
+}
+
+// t, or a (16-byte aligned) copy of it when its data pointer is not 16-byte aligned (a contiguous
+// view at an odd storage offset): the kernels read their GEMM operands in 16-byte chunks.
+Tensor aligned16(const Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+#endif
+
 std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                                         const OptTensor& b2, const std::string& approximate, double dropout_p,
                                         int64_t seed, int64_t offset) {
@@ -81,9 +104,19 @@ std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const
   a.pre = at::empty({M, F}, x.options());
   a.tanh = parse_approximate(op, approximate);
   a.dropout = make_dropout(dropout_p, seed, offset);
-  // A CUDA kernel launches here for x.is_cuda() (under FF_WITH_CUDA); only the CPU impl is registered.
-  TORCH_CHECK(x.device().is_cpu(), op, "no kernel for ", x.device());
-  fwd_cpu(a);
+  if (x.is_cuda()) {
+#ifdef FF_WITH_CUDA
+    check_cuda_limits(op, x, C, F, C2);
+    a.x = aligned16(x);
+    a.w1 = aligned16(w1);
+    a.w2 = aligned16(w2);
+    fwd_cuda(a);
+#else
+    TORCH_CHECK(false, op, "fusedformer._C was built without CUDA");
+#endif
+  } else {
+    fwd_cpu(a);
+  }
   return {a.y, a.pre};
 }
 
@@ -118,9 +151,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy
   a.db2 = has_b2 ? at::empty({C2}, x.options()) : Tensor();
   a.tanh = parse_approximate(op, approximate);
   a.dropout = make_dropout(dropout_p, seed, offset);
-  // A CUDA kernel launches here for x.is_cuda() (under FF_WITH_CUDA); only the CPU impl is registered.
-  TORCH_CHECK(x.device().is_cpu(), op, "no kernel for ", x.device());
-  bwd_cpu(a);
+  if (x.is_cuda()) {
+#ifdef FF_WITH_CUDA
+    check_cuda_limits(op, x, C, F, C2);
+    a.dy = aligned16(dy);
+    a.x = aligned16(x);
+    a.w1 = aligned16(w1);
+    a.w2 = aligned16(w2);
+    a.pre = aligned16(pre);
+    bwd_cuda(a);
+#else
+    TORCH_CHECK(false, op, "fusedformer._C was built without CUDA");
+#endif
+  } else {
+    bwd_cpu(a);
+  }
   return {a.dx, a.dw1, has_b1 ? a.db1 : x.new_empty({0}), a.dw2, has_b2 ? a.db2 : x.new_empty({0})};
 }
 
@@ -137,5 +182,12 @@ TORCH_LIBRARY_IMPL(fusedformer_C, CPU, m) {
   m.impl("gelu_ffn_fwd", &gelu_ffn_fwd);
   m.impl("gelu_ffn_bwd", &gelu_ffn_bwd);
 }
+
+#ifdef FF_WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedformer_C, CUDA, m) {
+  m.impl("gelu_ffn_fwd", &gelu_ffn_fwd);
+  m.impl("gelu_ffn_bwd", &gelu_ffn_bwd);
+}
+#endif
 
 }  // namespace ff::gelu_ffn
