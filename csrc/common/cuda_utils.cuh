@@ -1,9 +1,15 @@
 // CUDA helpers: dtype conversion, 16-byte vector access, warp and block reductions.
+// Compiled by a host compiler with -DFF_SIMT_EMULATION, the CUDA built-ins come from the SIMT
+// emulation (common/simt_emu.h, through simt.cuh).
 #pragma once
+#ifdef FF_SIMT_EMULATION
+#include "common/simt.cuh"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <c10/cuda/CUDAException.h>
+#endif
 
 namespace ff::cuda {
 
@@ -59,4 +65,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 }  // namespace ff::cuda
 
+#ifdef FF_SIMT_EMULATION
+#define FF_CUDA_CHECK_LAUNCH() ((void)0)  // the emulated launch is synchronous and throws on errors
+#else
 #define FF_CUDA_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#endif
