@@ -72,11 +72,16 @@ struct BwdParams {
   Strided4 dq;                       // (B, H, Sq, D)
   Strided4 dk;                       // (B, Hk, Sk, D)
   Strided4 dv;                       // (B, Hk, Sk, Dv)
+  bool deterministic = false;        // bitwise reproducible (CUDA: dQ without atomics)
 };
 
 void fwd_cpu(const FwdParams& p);
 void bwd_cpu(const BwdParams& p);
-// A CUDA implementation adds fwd_cuda / bwd_cuda here (under FF_WITH_CUDA) and its launch in
-// attention_ops.cpp.
+#ifdef FF_WITH_CUDA
+// float16 / bfloat16 on the current CUDA device and stream (attention_cuda.cu); the caller has
+// checked the limits of attention_ops.cpp (head dims, 16-byte alignment).
+void fwd_cuda(const FwdParams& p);
+void bwd_cuda(const BwdParams& p);
+#endif
 
 }  // namespace ff::attention

@@ -1,7 +1,8 @@
 // fusedformer_C::attention_fwd / attention_bwd: schemas and the entry points.
-// Argument checks, allocation and launch only; the math lives in attention_cpu.cpp (and, once
-// written, a CUDA file launched where marked below).
+// Argument checks, allocation and launch only; the math lives in attention_cpu.cpp and
+// attention_cuda.cuh.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -93,11 +94,36 @@ Problem make_problem(const char* op, const Tensor& q, const Tensor& k, const Ten
   return pb;
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const OptTensor& attn_mask, const OptTensor& key_padding_mask,
-                                         double dropout_p, bool is_causal, double scale, int64_t seed,
-                                         int64_t offset) {
-  constexpr const char* op = "fusedformer_C::attention_fwd: ";
+#ifdef FF_WITH_CUDA
+// The CUDA kernels' limits: 16-bit dtypes, head dims that are multiples of 8 up to 256 (one
+// 16-byte copy = 8 elements), grids within CUDA's y limit.
+void check_cuda_problem(const char* op, const Problem& pb) {
+  TORCH_CHECK_TYPE(pb.dtype == c10::kHalf || pb.dtype == c10::kBFloat16, op,
+                   "the cuda kernels take float16 or bfloat16 q, k, v; got ", pb.dtype,
+                   " (the triton or reference backend takes float32)");
+  FF_CHECK_ARG(pb.D % 8 == 0 && pb.D <= 256, op, "the cuda kernels need a head dim that is a multiple of 8 and ",
+               "at most 256; got q/k head dim ", pb.D);
+  FF_CHECK_ARG(pb.Dv % 8 == 0 && pb.Dv <= 256, op, "the cuda kernels need a value head dim that is a multiple of ",
+               "8 and at most 256; got ", pb.Dv);
+  FF_CHECK_ARG(pb.Sq <= 65535LL * 32 && pb.Sk <= 65535LL * 32, op, "the cuda kernels take sequences of at most ",
+               65535 * 32, " tokens; got Sq = ", pb.Sq, ", Sk = ", pb.Sk);
+}
+
+// The kernels copy rows with 16-byte cp.async: the base and every row must be 16-byte aligned.
+// Other layouts (a view with an odd stride, say) are copied to a contiguous tensor first.
+Tensor aligned_for_cuda(const Tensor& t) {
+  if (!t.defined() || !t.is_cuda() || t.dim() != 4) return t;
+  const int64_t elem = static_cast<int64_t>(t.element_size());
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || (t.stride(d) * elem) % 16 == 0);
+  return ok ? t : t.contiguous();
+}
+#endif
+
+std::tuple<Tensor, Tensor> attention_fwd_impl(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const OptTensor& attn_mask, const OptTensor& key_padding_mask,
+                                              double dropout_p, bool is_causal, double scale, int64_t seed,
+                                              int64_t offset) {
   FwdParams p;
   p.pb = make_problem(op, q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset);
   const c10::DeviceGuard guard(q.device());
@@ -105,18 +131,23 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   Tensor lse = at::empty({p.pb.B, p.pb.H, p.pb.Sq}, q.options().dtype(at::kFloat));
   p.out = strided(out);
   p.lse = lse.data_ptr<float>();
-  // A CUDA kernel launches here for q.is_cuda() (under FF_WITH_CUDA); only the CPU impl is registered.
+#ifdef FF_WITH_CUDA
+  if (q.is_cuda()) {
+    check_cuda_problem(op, p.pb);
+    fwd_cuda(p);
+    return {out, lse};
+  }
+#endif
   TORCH_CHECK(q.device().is_cpu(), op, "no kernel for ", q.device());
   fwd_cpu(p);
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                 const OptTensor& attn_mask, const OptTensor& key_padding_mask,
-                                                 double dropout_p, bool is_causal, double scale, int64_t seed,
-                                                 int64_t offset) {
-  constexpr const char* op = "fusedformer_C::attention_bwd: ";
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_impl(const char* op, const Tensor& dout, const Tensor& q,
+                                                      const Tensor& k, const Tensor& v, const Tensor& out,
+                                                      const Tensor& lse, const OptTensor& attn_mask,
+                                                      const OptTensor& key_padding_mask, double dropout_p,
+                                                      bool is_causal, double scale, int64_t seed, int64_t offset) {
   BwdParams p;
   p.pb = make_problem(op, q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset);
   const std::array<int64_t, 4> out_sizes{p.pb.B, p.pb.H, p.pb.Sq, p.pb.Dv};
@@ -136,10 +167,48 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tenso
   p.dq = strided(dq);
   p.dk = strided(dk);
   p.dv = strided(dv);
-  // A CUDA kernel launches here for q.is_cuda() (under FF_WITH_CUDA); only the CPU impl is registered.
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+#ifdef FF_WITH_CUDA
+  if (q.is_cuda()) {
+    check_cuda_problem(op, p.pb);
+    bwd_cuda(p);
+    return {dq, dk, dv};
+  }
+#endif
   TORCH_CHECK(q.device().is_cpu(), op, "no kernel for ", q.device());
   bwd_cpu(p);
   return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const OptTensor& attn_mask, const OptTensor& key_padding_mask,
+                                         double dropout_p, bool is_causal, double scale, int64_t seed,
+                                         int64_t offset) {
+  constexpr const char* op = "fusedformer_C::attention_fwd: ";
+#ifdef FF_WITH_CUDA
+  if (q.defined() && q.is_cuda()) {
+    return attention_fwd_impl(op, aligned_for_cuda(q), aligned_for_cuda(k), aligned_for_cuda(v), attn_mask,
+                              key_padding_mask, dropout_p, is_causal, scale, seed, offset);
+  }
+#endif
+  return attention_fwd_impl(op, q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset);
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                 const OptTensor& attn_mask, const OptTensor& key_padding_mask,
+                                                 double dropout_p, bool is_causal, double scale, int64_t seed,
+                                                 int64_t offset) {
+  constexpr const char* op = "fusedformer_C::attention_bwd: ";
+#ifdef FF_WITH_CUDA
+  if (q.defined() && q.is_cuda()) {
+    return attention_bwd_impl(op, aligned_for_cuda(dout), aligned_for_cuda(q), aligned_for_cuda(k),
+                              aligned_for_cuda(v), aligned_for_cuda(out), lse, attn_mask, key_padding_mask,
+                              dropout_p, is_causal, scale, seed, offset);
+  }
+#endif
+  return attention_bwd_impl(op, dout, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+                            seed, offset);
 }
 
 }  // namespace
@@ -156,5 +225,12 @@ TORCH_LIBRARY_IMPL(fusedformer_C, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
 }
+
+#ifdef FF_WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedformer_C, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+#endif
 
 }  // namespace ff::attention

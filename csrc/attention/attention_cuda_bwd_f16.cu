@@ -1,0 +1,11 @@
+// attention backward on CUDA, __half: the nvcc instantiations of attention_cuda.cuh's backward
+// kernels for the head-dim buckets 64, 128, 256 (one file per dtype, for parallel compiles).
+#include "attention/attention_cuda.cuh"
+
+namespace ff::attention::gpu {
+
+void bwd_launch_f16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream) {
+  launch_bwd_any<__half>(p, delta, dq_acc, stream);
+}
+
+}  // namespace ff::attention::gpu
