@@ -479,6 +479,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
     }
   }
 
+  ff::simt::cp_async_wait<0>();  // K / V are still in flight when no query row sees this key tile
+
   T* dK = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + hk * p.dk.stride_h;
   T* dV = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + hk * p.dv.stride_h;
 #pragma unroll

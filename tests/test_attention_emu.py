@@ -1,0 +1,178 @@
+"""The attention CUDA kernels and launchers (csrc/attention/attention_cuda.cuh) on the CPU through the
+SIMT emulator: the same templates nvcc builds into fusedformer._C, compiled by g++ with
+-DFF_SIMT_EMULATION into a test-only extension (csrc/tests/emu/emu_attention.cpp).
+
+Forward and backward against the float64 reference by the 2x rule (out, lse, dq, dk, dv), float16
+and bfloat16, on small awkward shapes: sequence lengths 1, 17, 64, 77, 130 (mixed, Sq != Sk), head
+dims 40, 64, 96, 128 and 256 (all three head-dim buckets), Dv != D, B and H > 1, GQA and MQA,
+causal with Sq < Sk and Sq > Sk, a key padding mask with a fully padded batch row, an additive
+mask broadcast over heads (stride 0) in float32 and in q's dtype, dropout (p = 0.3, the reference
+run with the same seed and offset, so the masks must agree bit for bit), the deterministic
+backward (bitwise equal across runs, and by the 2x rule). Every output is written inside a
+NaN-filled buffer with padded rows; the bytes outside the view must come back untouched."""
+import math
+
+import pytest
+import torch
+
+from fusedformer import reference
+from numerics import assert_2x
+
+emu_build = pytest.importorskip("emu_build", reason="tests/emu_build.py (the SIMT emulator build) is not here yet")
+
+OP = "attention"
+GUARD = 16      # guard elements each side (32 bytes: keeps 16-byte alignment)
+ROW_PAD = 8     # extra elements per output row (the views are strided)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emu_build.load_emu("emu_attention", ["csrc/tests/emu/emu_attention.cpp"])
+
+
+class Guarded:
+    """A NaN-filled flat buffer holding a (..., cols) view with ``row_pad`` extra elements per row and
+    ``GUARD`` elements either side; everything outside the view must stay untouched."""
+
+    def __init__(self, shape, dtype, row_pad=ROW_PAD):
+        *lead, cols = shape
+        rows = math.prod(lead)
+        ld = cols + row_pad
+        self.buf = torch.full((GUARD + rows * ld + GUARD,), float("nan"), dtype=dtype)
+        self.view = self.buf[GUARD:GUARD + rows * ld].view(rows, ld)[:, :cols].view(*lead, cols)
+        self.pristine = self.buf.clone()
+        self.mask = torch.ones_like(self.buf, dtype=torch.bool)
+        self.mask[GUARD:GUARD + rows * ld].view(rows, ld)[:, :cols] = False
+
+    def assert_untouched(self, name):
+        bits = torch.int16 if self.buf.element_size() == 2 else torch.int32
+        assert torch.equal(self.buf.view(bits)[self.mask], self.pristine.view(bits)[self.mask]), \
+            f"{name}: the kernel wrote outside its output"
+
+
+def _problem(B, H, Hk, Sq, Sk, D, Dv, *, gen_seed, mask=None, padding=False):
+    """float64 masters (q, k, v, dout) and the masks."""
+    g = torch.Generator().manual_seed(gen_seed)
+    t = {"q": torch.randn(B, H, Sq, D, generator=g, dtype=torch.float64),
+         "k": torch.randn(B, Hk, Sk, D, generator=g, dtype=torch.float64),
+         "v": torch.randn(B, Hk, Sk, Dv, generator=g, dtype=torch.float64),
+         "dout": torch.randn(B, H, Sq, Dv, generator=g, dtype=torch.float64)}
+    t["attn_mask"] = None
+    if mask is not None:  # (B, 1, Sq, Sk) expanded over heads: stride 0; some -inf entries
+        m = torch.randn(B, 1, Sq, Sk, generator=g, dtype=torch.float64)
+        m = m.masked_fill(torch.rand(B, 1, Sq, Sk, generator=g) < 0.2, float("-inf"))
+        t["attn_mask"] = m.expand(B, H, Sq, Sk)
+    t["key_padding_mask"] = None
+    if padding:  # batch row 0 fully padded, the others randomly
+        kpm = torch.rand(B, Sk, generator=g) < 0.3
+        kpm[0] = True
+        t["key_padding_mask"] = kpm
+    return t
+
+
+def _mask_as(m, dtype):
+    return None if m is None else m.to(dtype)
+
+
+def _reference(t, dtype, mask_dtype, p, causal, scale, seed, offset):
+    """Reference (out, lse, dq, dk, dv) in ``dtype`` (float64 for the ground truth)."""
+    q, k, v, dout = (t[n].to(dtype) for n in ("q", "k", "v", "dout"))
+    mask = _mask_as(t["attn_mask"], dtype if dtype == torch.float64 else mask_dtype)
+    seed_t = torch.tensor([seed], dtype=torch.int64) if p > 0 else None
+    kpm = t["key_padding_mask"]
+    out, lse = reference.attention_fwd(q, k, v, mask, kpm, p, causal, scale, seed_t, offset)
+    dq, dk, dv = reference.attention_bwd(dout, q, k, v, out, lse, mask, kpm, p, causal, scale, seed_t, offset)
+    return out, lse, dq, dk, dv
+
+
+def _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic=False):
+    """The emulated kernels: (out, lse, dq, dk, dv), every output inside a guard-banded buffer."""
+    q, k, v, dout = (t[n].to(dtype) for n in ("q", "k", "v", "dout"))
+    mask = _mask_as(t["attn_mask"], mask_dtype)
+    kpm = t["key_padding_mask"]
+    B, H, Sq, D = q.shape
+    Hk, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = Guarded((B, H, Sq, Dv), dtype)
+    lse = Guarded((B, H, Sq), torch.float32, row_pad=0)
+    emu.fwd(q, k, v, mask, kpm, p, causal, scale, seed, offset, out.view, lse.view)
+    out.assert_untouched("out")
+    lse.assert_untouched("lse")
+    grads = [Guarded(s, dtype) for s in ((B, H, Sq, D), (B, Hk, Sk, D), (B, Hk, Sk, Dv))]
+    emu.bwd(dout, q, k, v, out.view, lse.view, mask, kpm, p, causal, scale, seed, offset, deterministic,
+            *(gr.view for gr in grads))
+    for name, gr in zip(("dq", "dk", "dv"), grads):
+        gr.assert_untouched(name)
+    return (out.view, lse.view) + tuple(gr.view for gr in grads)
+
+
+def _check(emu, t, dtype, *, mask_dtype=None, p=0.0, causal=False, scale=None, seed=0, offset=0,
+           deterministic=False):
+    D = t["q"].shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    mask_dtype = mask_dtype or dtype
+    got = _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic)
+    base = _reference(t, dtype, mask_dtype, p, causal, scale, seed, offset)
+    ref = _reference(t, torch.float64, mask_dtype, p, causal, scale, seed, offset)
+    for name, o, b, r in zip(("out", "lse", "dq", "dk", "dv"), got, base, ref):
+        assert_2x(name, OP, o, r, b, dtype)
+    return got
+
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+# (B, H, Hk, Sq, Sk, D, Dv, causal)
+SHAPES = [
+    (1, 1, 1, 1, 1, 64, 64, False),        # a single query and key
+    (2, 2, 2, 17, 77, 40, 40, True),       # head dim 40 (bucket 64), causal with Sq < Sk
+    (1, 4, 2, 77, 17, 96, 96, False),      # GQA, Sq > Sk, head dim 96 (bucket 128)
+    (1, 4, 1, 130, 64, 64, 64, True),      # MQA, causal with Sq > Sk, two query tiles, ragged
+    (2, 1, 1, 64, 130, 128, 40, False),    # Dv != D, three key tiles, ragged last one
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + ("-causal" if s[7] else ""))
+def test_shapes(emu, dtype, shape):
+    B, H, Hk, Sq, Sk, D, Dv, causal = shape
+    _check(emu, _problem(B, H, Hk, Sq, Sk, D, Dv, gen_seed=sum(shape)), dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_dim_256(emu, dtype):
+    _check(emu, _problem(1, 1, 1, 33, 40, 256, 256, gen_seed=256), dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_padding_with_a_fully_padded_batch_row(emu, dtype):
+    t = _problem(2, 2, 2, 17, 77, 64, 64, gen_seed=3, padding=True)
+    out, lse, dq, _, _ = _check(emu, t, dtype)
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all() and (dq[0] == 0).all()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, None], ids=["float32-mask", "qdtype-mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_additive_mask_broadcast_over_heads(emu, dtype, mask_dtype):
+    t = _problem(2, 2, 1, 17, 77, 40, 40, gen_seed=5, mask=True)
+    assert t["attn_mask"].stride(1) == 0
+    _check(emu, t, dtype, mask_dtype=mask_dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_matches_the_reference_mask(emu, dtype):
+    # offset 3 puts the Philox block boundaries between the key pairs a lane owns.
+    t = _problem(1, 2, 1, 77, 130, 64, 64, gen_seed=7)
+    _check(emu, t, dtype, p=0.3, seed=1234, offset=3)
+
+
+def test_dropout_with_masks_and_gqa(emu):
+    t = _problem(2, 4, 2, 64, 17, 40, 40, gen_seed=8, mask=True, padding=True)
+    _check(emu, t, torch.bfloat16, p=0.3, causal=True, seed=99, offset=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic_backward(emu, dtype):
+    t = _problem(1, 4, 2, 77, 130, 64, 64, gen_seed=11)
+    first = _check(emu, t, dtype, p=0.3, causal=True, seed=5, offset=0, deterministic=True)
+    again = _run_emu(emu, t, dtype, dtype, 0.3, True, 1.0 / 8, 5, 0, deterministic=True)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, again):
+        assert torch.equal(a, b), f"{name}: the deterministic run is not bitwise reproducible"
