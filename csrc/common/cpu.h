@@ -23,26 +23,38 @@ inline float to_float(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T from_float(float v) { return static_cast<T>(v); }
 
-// bfloat16 <-> float32 rows as integer operations on the bit patterns, so that they vectorize
-// (c10::BFloat16's scalar conversions do not). float32 -> bfloat16 rounds to nearest even, like
-// c10; a NaN stays a (quiet) NaN.
+// Element access in float32 for the types the vectorized loops read and write directly: float32
+// and bfloat16. bfloat16 goes through integer operations on the bit pattern so that loops
+// vectorize (c10::BFloat16's scalar conversions do not); float32 -> bfloat16 rounds to nearest
+// even like c10, and a NaN stays a (quiet) NaN.
+__attribute__((always_inline)) inline float load_elem(const float* p, int64_t i) { return p[i]; }
+__attribute__((always_inline)) inline float load_elem(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float v;
+  __builtin_memcpy(&v, &bits, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline void store_elem(float* p, int64_t i, float v) { p[i] = v; }
+__attribute__((always_inline)) inline void store_elem(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(nan ? 0x7fc0u : rounded);
+}
+
+// Whether load_elem / store_elem take T (float16 rows are converted through a float32 buffer).
+template <typename T>
+inline constexpr bool kDirectElem = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
 FF_CPU_CLONES static void bf16_to_f32(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+  for (int64_t i = 0; i < n; ++i) dst[i] = load_elem(src, i);
 }
 
 FF_CPU_CLONES static void f32_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
-  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = s[i];
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    d[i] = static_cast<uint16_t>(nan ? 0x7fc0u : rounded);
-  }
+  for (int64_t i = 0; i < n; ++i) store_elem(dst, i, src[i]);
 }
 
 // Rows of T <-> float32: vectorized for bfloat16, elementwise c10 casts otherwise (float32 callers

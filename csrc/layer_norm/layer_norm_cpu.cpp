@@ -21,50 +21,64 @@ namespace {
 using ff::cpu::dropout_row;
 
 // ---------------------------------------------------------------------------------------------
-// float32 row kernels (multi-versioned)
+// Row kernels (multi-versioned). Rows of float32 or bfloat16 are read and written in place
+// through cpu::load_elem / store_elem; the bodies are templates, the clones thin wrappers.
 // ---------------------------------------------------------------------------------------------
+using cpu::load_elem;
+using cpu::store_elem;
+
+#define FF_INLINE __attribute__((always_inline)) inline
+
 // Row reductions keep kLanes independent partial sums (four AVX-512 registers, eight AVX2 ones):
 // a single vector accumulator would serialize on the add latency. The partials are added in a
 // fixed order, so a row's statistics do not depend on the clone that ran.
 constexpr int64_t kLanes = 64;
 
-FF_CPU_CLONES float row_sum(const float* x, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
-  }
-  for (int64_t j = 0; i + j < n; ++j) acc[j] += x[i + j];
-  float s = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-FF_CPU_CLONES float row_sum_sq(const float* x, int64_t n, float center) {
+// sum_i (x_i - center)^p for p = 1 or 2
+template <int P, typename T>
+FF_INLINE float row_moment(const T* x, int64_t n, float center) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
-      const float d = x[i + j] - center;
-      acc[j] += d * d;
+      const float d = load_elem(x, i + j) - center;
+      acc[j] += P == 1 ? d : d * d;
     }
   }
   for (int64_t j = 0; i + j < n; ++j) {
-    const float d = x[i + j] - center;
-    acc[j] += d * d;
+    const float d = load_elem(x, i + j) - center;
+    acc[j] += P == 1 ? d : d * d;
   }
   float s = 0.f;
   for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
   return s;
 }
 
+FF_CPU_CLONES float row_sum(const float* x, int64_t n) { return row_moment<1>(x, n, 0.f); }
+FF_CPU_CLONES float row_sum(const c10::BFloat16* x, int64_t n) { return row_moment<1>(x, n, 0.f); }
+FF_CPU_CLONES float row_sum_sq(const float* x, int64_t n, float c) { return row_moment<2>(x, n, c); }
+FF_CPU_CLONES float row_sum_sq(const c10::BFloat16* x, int64_t n, float c) { return row_moment<2>(x, n, c); }
+
 // out = (h - mean) * rstd * w + b
+template <typename TI, typename TO>
+FF_INLINE void row_normalize_t(const TI* h, const float* w, const float* b, float mean, float rstd, TO* out,
+                               int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store_elem(out, i, (load_elem(h, i) - mean) * rstd * w[i] + b[i]);
+}
+
 FF_CPU_CLONES void row_normalize(const float* h, const float* w, const float* b, float mean, float rstd,
                                  float* out, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = (h[i] - mean) * rstd * w[i] + b[i];
+  row_normalize_t(h, w, b, mean, rstd, out, n);
+}
+FF_CPU_CLONES void row_normalize(const float* h, const float* w, const float* b, float mean, float rstd,
+                                 c10::BFloat16* out, int64_t n) {
+  row_normalize_t(h, w, b, mean, rstd, out, n);
+}
+FF_CPU_CLONES void row_normalize(const c10::BFloat16* h, const float* w, const float* b, float mean, float rstd,
+                                 c10::BFloat16* out, int64_t n) {
+  row_normalize_t(h, w, b, mean, rstd, out, n);
 }
 
 // Row of the backward: writes dh (including dh_out when given) and accumulates dw, db partials.
@@ -149,14 +163,17 @@ void forward(const FwdParams& p) {
   constexpr bool is_f32 = std::is_same_v<T, float>;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
 
+  // Without dropout or residual, h is x itself: float32 and bfloat16 rows are then normalized in
+  // place (no staging copy); otherwise h is formed in a float32 buffer first.
+  const bool h_is_x = !p.dropout.enabled && !res;
+  constexpr bool direct = cpu::kDirectElem<T>;
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> hbuf(N), ybuf(is_f32 ? 0 : N), mult(p.dropout.enabled ? N : 0), rbuf(res ? N : 0);
+    std::vector<float> hbuf(h_is_x && direct ? 0 : N), ybuf(direct ? 0 : N);
+    std::vector<float> mult(p.dropout.enabled ? N : 0), rbuf(res ? N : 0);
     for (int64_t m = begin; m < end; ++m) {
       const T* xr = x + m * N;
-      const float* h = hbuf.data();
-      if (is_f32 && !p.dropout.enabled && !res) {
-        h = reinterpret_cast<const float*>(xr);
-      } else {
+      T* yr = y + m * N;
+      if (!h_is_x || !direct) {
         cpu::load_row(xr, hbuf.data(), N);
         if (p.dropout.enabled) {
           dropout_row(p.dropout, static_cast<uint64_t>(m * N), mult.data(), N);
@@ -172,21 +189,30 @@ void forward(const FwdParams& p) {
           if (!is_f32) cpu::load_row(hr, hbuf.data(), N);  // normalize exactly the stored (rounded) h
         }
       }
-      float mean = 0.f, rstd;
-      if (p.rms) {
-        rstd = 1.f / std::sqrt(row_sum_sq(h, N, 0.f) / static_cast<float>(N) + p.eps);
-      } else {
-        mean = row_sum(h, N) / static_cast<float>(N);
-        rstd = 1.f / std::sqrt(row_sum_sq(h, N, mean) / static_cast<float>(N) + p.eps);
-        p.mean[m] = mean;
+      const auto normalize_row = [&](const auto* h) {
+        float mean = 0.f, rstd;
+        if (p.rms) {
+          rstd = 1.f / std::sqrt(row_sum_sq(h, N, 0.f) / static_cast<float>(N) + p.eps);
+        } else {
+          mean = row_sum(h, N) / static_cast<float>(N);
+          rstd = 1.f / std::sqrt(row_sum_sq(h, N, mean) / static_cast<float>(N) + p.eps);
+          p.mean[m] = mean;
+        }
+        p.rstd[m] = rstd;
+        if constexpr (direct) {
+          row_normalize(h, w.data(), b.data(), mean, rstd, yr, N);
+        } else {
+          row_normalize(h, w.data(), b.data(), mean, rstd, ybuf.data(), N);
+          cpu::store_row(ybuf.data(), yr, N);
+        }
+      };
+      if constexpr (direct) {
+        if (h_is_x) {
+          normalize_row(xr);
+          continue;
+        }
       }
-      p.rstd[m] = rstd;
-      if constexpr (is_f32) {
-        row_normalize(h, w.data(), b.data(), mean, rstd, y + m * N, N);
-      } else {
-        row_normalize(h, w.data(), b.data(), mean, rstd, ybuf.data(), N);
-        cpu::store_row(ybuf.data(), y + m * N, N);
-      }
+      normalize_row(static_cast<const float*>(hbuf.data()));
     }
   });
 }
