@@ -3,13 +3,14 @@ SIMT emulator: the same templates nvcc builds into fusedformer._C, compiled by g
 -DFF_SIMT_EMULATION into a test-only extension (csrc/tests/emu/emu_attention.cpp).
 
 Forward and backward against the float64 reference by the 2x rule (out, lse, dq, dk, dv), float16
-and bfloat16, on small awkward shapes: sequence lengths 1, 17, 64, 77, 130 (mixed, Sq != Sk), head
-dims 40, 64, 96, 128 and 256 (all three head-dim buckets), Dv != D, B and H > 1, GQA and MQA,
-causal with Sq < Sk and Sq > Sk, a key padding mask with a fully padded batch row, an additive
-mask broadcast over heads (stride 0) in float32 and in q's dtype, dropout (p = 0.3, the reference
-run with the same seed and offset, so the masks must agree bit for bit), the deterministic
-backward (bitwise equal across runs, and by the 2x rule). Every output is written inside a
-NaN-filled buffer with padded rows; the bytes outside the view must come back untouched."""
+and bfloat16, on small awkward shapes: sequence lengths 1, 17, 64, 77, 130 (mixed, Sq != Sk),
+(B, S, H, D) storage viewed as (B, H, S, D), head dims 40, 64, 96, 128 and 256 (all three head-dim
+buckets), Dv != D, B and H > 1, GQA and MQA, causal with Sq < Sk and Sq > Sk, a key padding mask
+with a fully padded batch row, an additive mask broadcast (stride 0) over heads, or over heads
+and keys, in float32 and in q's dtype, dropout (p = 0.3, the reference run with the same seed and
+offset, so the masks must agree bit for bit), the deterministic backward (bitwise equal across
+runs, and by the 2x rule). Every output is written inside a NaN-filled buffer with padded rows;
+the bytes outside the view must come back untouched."""
 import math
 
 import pytest
@@ -50,17 +51,23 @@ class Guarded:
             f"{name}: the kernel wrote outside its output"
 
 
-def _problem(B, H, Hk, Sq, Sk, D, Dv, *, gen_seed, mask=None, padding=False):
-    """float64 masters (q, k, v, dout) and the masks."""
+def _problem(B, H, Hk, Sq, Sk, D, Dv, *, gen_seed, transposed=False, mask=None, padding=False):
+    """float64 masters (q, k, v, dout) and the masks. ``transposed``: q, k, v are (B, S, H, D) storage
+    viewed as (B, H, S, D). ``mask``: "heads" = (B, 1, Sq, Sk) expanded over heads, "keys" =
+    (B, 1, Sq, 1) expanded over heads and keys (stride 0), with some -inf entries."""
     g = torch.Generator().manual_seed(gen_seed)
-    t = {"q": torch.randn(B, H, Sq, D, generator=g, dtype=torch.float64),
-         "k": torch.randn(B, Hk, Sk, D, generator=g, dtype=torch.float64),
-         "v": torch.randn(B, Hk, Sk, Dv, generator=g, dtype=torch.float64),
+
+    def make(heads, S, d):
+        if transposed:
+            return torch.randn(B, S, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
+        return torch.randn(B, heads, S, d, generator=g, dtype=torch.float64)
+    t = {"q": make(H, Sq, D), "k": make(Hk, Sk, D), "v": make(Hk, Sk, Dv),
          "dout": torch.randn(B, H, Sq, Dv, generator=g, dtype=torch.float64)}
     t["attn_mask"] = None
-    if mask is not None:  # (B, 1, Sq, Sk) expanded over heads: stride 0; some -inf entries
-        m = torch.randn(B, 1, Sq, Sk, generator=g, dtype=torch.float64)
-        m = m.masked_fill(torch.rand(B, 1, Sq, Sk, generator=g) < 0.2, float("-inf"))
+    if mask is not None:
+        cols = Sk if mask == "heads" else 1
+        m = torch.randn(B, 1, Sq, cols, generator=g, dtype=torch.float64)
+        m = m.masked_fill(torch.rand(B, 1, Sq, cols, generator=g) < 0.2, float("-inf"))
         t["attn_mask"] = m.expand(B, H, Sq, Sk)
     t["key_padding_mask"] = None
     if padding:  # batch row 0 fully padded, the others randomly
@@ -85,9 +92,14 @@ def _reference(t, dtype, mask_dtype, p, causal, scale, seed, offset):
     return out, lse, dq, dk, dv
 
 
+def _like(x, dtype):
+    """x in dtype with x's strides (a transposed view stays one)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=dtype).copy_(x)
+
+
 def _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic=False):
     """The emulated kernels: (out, lse, dq, dk, dv), every output inside a guard-banded buffer."""
-    q, k, v, dout = (t[n].to(dtype) for n in ("q", "k", "v", "dout"))
+    q, k, v, dout = (_like(t[n], dtype) for n in ("q", "k", "v", "dout"))
     mask = _mask_as(t["attn_mask"], mask_dtype)
     kpm = t["key_padding_mask"]
     B, H, Sq, D = q.shape
@@ -120,21 +132,25 @@ def _check(emu, t, dtype, *, mask_dtype=None, p=0.0, causal=False, scale=None, s
 
 DTYPES = [torch.float16, torch.bfloat16]
 
-# (B, H, Hk, Sq, Sk, D, Dv, causal)
+# (B, H, Hk, Sq, Sk, D, Dv, transposed, causal)
 SHAPES = [
-    (1, 1, 1, 1, 1, 64, 64, False),        # a single query and key
-    (2, 2, 2, 17, 77, 40, 40, True),       # head dim 40 (bucket 64), causal with Sq < Sk
-    (1, 4, 2, 77, 17, 96, 96, False),      # GQA, Sq > Sk, head dim 96 (bucket 128)
-    (1, 4, 1, 130, 64, 64, 64, True),      # MQA, causal with Sq > Sk, two query tiles, ragged
-    (2, 1, 1, 64, 130, 128, 40, False),    # Dv != D, three key tiles, ragged last one
+    (1, 1, 1, 1, 1, 64, 64, False, False),      # a single query and key
+    (2, 2, 2, 17, 77, 40, 40, False, True),     # head dim 40 (bucket 64), causal with Sq < Sk
+    (1, 4, 2, 77, 17, 96, 96, True, False),     # GQA, Sq > Sk, head dim 96 (bucket 128), strided
+    (1, 4, 1, 130, 64, 64, 64, False, True),    # MQA, causal with Sq > Sk, three query tiles
+    (2, 1, 1, 64, 130, 128, 40, False, False),  # Dv != D, three key tiles, ragged last one
+    (2, 3, 3, 1, 130, 64, 64, True, False),     # one query row against three key tiles, strided
+    (1, 2, 2, 130, 1, 40, 40, False, True),     # one key, causal
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + ("-causal" if s[7] else ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + ("-T" if s[7] else "")
+                         + ("-causal" if s[8] else ""))
 def test_shapes(emu, dtype, shape):
-    B, H, Hk, Sq, Sk, D, Dv, causal = shape
-    _check(emu, _problem(B, H, Hk, Sq, Sk, D, Dv, gen_seed=sum(shape)), dtype, causal=causal)
+    B, H, Hk, Sq, Sk, D, Dv, transposed, causal = shape
+    t = _problem(B, H, Hk, Sq, Sk, D, Dv, gen_seed=sum(shape), transposed=transposed)
+    _check(emu, t, dtype, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -149,11 +165,12 @@ def test_key_padding_with_a_fully_padded_batch_row(emu, dtype):
     assert torch.isneginf(lse[0]).all() and (out[0] == 0).all() and (dq[0] == 0).all()
 
 
+@pytest.mark.parametrize("broadcast", ["heads", "keys"])
 @pytest.mark.parametrize("mask_dtype", [torch.float32, None], ids=["float32-mask", "qdtype-mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_additive_mask_broadcast_over_heads(emu, dtype, mask_dtype):
-    t = _problem(2, 2, 1, 17, 77, 40, 40, gen_seed=5, mask=True)
-    assert t["attn_mask"].stride(1) == 0
+def test_additive_mask_broadcast(emu, dtype, mask_dtype, broadcast):
+    t = _problem(2, 2, 1, 17, 77, 40, 40, gen_seed=5, mask=broadcast)
+    assert t["attn_mask"].stride(1) == 0 and (broadcast == "heads") == (t["attn_mask"].stride(3) != 0)
     _check(emu, t, dtype, mask_dtype=mask_dtype, causal=True)
 
 
@@ -165,7 +182,7 @@ def test_dropout_matches_the_reference_mask(emu, dtype):
 
 
 def test_dropout_with_masks_and_gqa(emu):
-    t = _problem(2, 4, 2, 64, 17, 40, 40, gen_seed=8, mask=True, padding=True)
+    t = _problem(2, 4, 2, 64, 17, 40, 40, gen_seed=8, mask="heads", padding=True)
     _check(emu, t, torch.bfloat16, p=0.3, causal=True, seed=99, offset=0)
 
 
