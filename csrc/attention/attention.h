@@ -30,6 +30,9 @@
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
+#ifdef FF_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 #include "common/philox.h"
 
@@ -78,10 +81,19 @@ struct BwdParams {
 void fwd_cpu(const FwdParams& p);
 void bwd_cpu(const BwdParams& p);
 #ifdef FF_WITH_CUDA
-// float16 / bfloat16 on the current CUDA device and stream (attention_cuda.cu); the caller has
+// float16 / bfloat16 on the current CUDA device and stream (attention_cuda.cpp); the caller has
 // checked the limits of attention_ops.cpp (head dims, 16-byte alignment).
 void fwd_cuda(const FwdParams& p);
 void bwd_cuda(const BwdParams& p);
+
+// The nvcc-compiled launchers behind them (attention_cuda_fwd.cu, attention_cuda_bwd_*.cu; the
+// kernels are in attention_cuda.cuh), for p.pb.dtype float16 / bfloat16. delta: (B, H, Sq)
+// float32 scratch; dq_acc: (B, H, Sq, D) float32 scratch, unused when p.deterministic.
+namespace gpu {
+void fwd_launch(const FwdParams& p, cudaStream_t stream);
+void bwd_launch_f16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
+void bwd_launch_bf16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
+}  // namespace gpu
 #endif
 
 }  // namespace ff::attention

@@ -55,8 +55,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "attention/attention.h"
 #include "common/simt.cuh"
+
+#include "attention/attention.h"
 
 namespace ff::attention::gpu {
 
@@ -661,11 +662,5 @@ void launch_bwd_any(const BwdParams& p, float* delta, float* dq_acc, cudaStream_
     default: return launch_bwd<T, 256>(p, delta, dq_acc, stream);
   }
 }
-
-// The nvcc instantiations (attention_cuda_fwd.cu, attention_cuda_bwd_*.cu), for float16 / bfloat16
-// parameters (p.pb.dtype).
-void fwd_launch(const FwdParams& p, cudaStream_t stream);
-void bwd_launch_f16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
-void bwd_launch_bf16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
 
 }  // namespace ff::attention::gpu

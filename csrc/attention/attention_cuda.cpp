@@ -1,10 +1,11 @@
 // attention on CUDA: the entry points fwd_cuda / bwd_cuda (workspace and stream); the kernels are
-// in attention_cuda.cuh, instantiated by attention_cuda_fwd.cu and attention_cuda_bwd_*.cu.
+// in attention_cuda.cuh, instantiated by attention_cuda_fwd.cu and attention_cuda_bwd_*.cu. Host
+// code only, so the host compiler builds it (ATen's headers cost nvcc a minute).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "attention/attention_cuda.cuh"
+#include "attention/attention.h"
 
 namespace ff::attention {
 
