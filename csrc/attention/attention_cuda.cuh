@@ -14,8 +14,9 @@
 // read with frag_rows16, a B operand stored as (n, k) rows (K for Q K^T) with frag_rows8x2.
 //
 // Forward (fwd_kernel): one CTA of 4 warps per (64 query rows, batch * head); warp w owns rows
-// 16w..16w+15 of the tile. The Q tile is copied once; K / V tiles of BK keys (64, or 32 for
-// DP = 256) are double-buffered: tile j + 1 is in flight while tile j is computed. Per tile:
+// 16w..16w+15 of the tile. The Q tile is copied once and (DP <= 128) kept in registers as mma
+// fragments; K / V tiles of BK keys (64, or 32 for DP = 256) are double-buffered: tile j + 1 is in
+// flight while tile j is computed. Per tile:
 //   S = Q K^T                      mma, float32 accumulators (16 x BK per warp)
 //   scores in log2 units           s * scale * log2(e) + attn_mask * log2(e); -inf where causal,
 //                                  key padding or out of range
@@ -143,6 +144,24 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* sA, int a0
   }
 }
 
+// The same with A held in registers: a[kk] is the fragment of columns 16kk..16kk+15.
+template <typename T, int NT, int KF, int LDB>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const uint32_t (&a)[KF][4], const T* sB, int kdim,
+                                        int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KF; ++kk) {
+    if (kk * 16 >= kdim) break;
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t r[4];
+      ff::simt::ldmatrix_x4(r, frag_rows8x2<LDB>(sB, np * 16, kk * 16, lane));
+      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+      ff::simt::mma_m16n8k16<T>(acc[2 * np], a[kk], b0);
+      ff::simt::mma_m16n8k16<T>(acc[2 * np + 1], a[kk], b1);
+    }
+  }
+}
+
 // acc (16 x 8NT) += C B for one warp: C (16 x 8KT) is a float32 accumulator tile, rounded to T
 // and reused as the A operand in registers; B = rows 0..8KT-1 of sB stored (k, n), n < ndim
 // (rounded up to 16).
@@ -256,6 +275,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   load_tile_async<BK, DP>(sV, V, pb.v.stride_s, Sk, Dv);
   ff::simt::cp_async_commit();
 
+  // The warp's Q rows as mma A fragments, loaded once (DP <= 128; for DP = 256 they would take 64
+  // more registers, so that bucket reads them from shared memory per key tile).
+  constexpr bool kQInRegs = DP <= 128;
+  uint32_t qf[kQInRegs ? DP / 16 : 1][4];
   float acc[NO][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int row_w = warp * 16;
@@ -277,7 +300,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
     const T* cV = sV + (it & 1) * BK * LD;
 
     float s[NT][4] = {};
-    mma_abt<T, NT, DP, LD, LD>(s, sQ, row_w, cK, D, lane);
+    if constexpr (kQInRegs) {
+      if (it == 0) {
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) ff::simt::ldmatrix_x4(qf[kk], frag_rows16<LD>(sQ, row_w, kk * 16, lane));
+      }
+      mma_abt<T, NT, DP / 16, LD>(s, qf, cK, D, lane);
+    } else {
+      mma_abt<T, NT, DP, LD, LD>(s, sQ, row_w, cK, D, lane);
+    }
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
