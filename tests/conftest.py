@@ -46,6 +46,12 @@ def skip_unless_available(op_module, backend: str) -> torch.device:
     return device
 
 
+def dtype_for(backend: str) -> torch.dtype:
+    """The dtype of a test that runs one dtype: the cuda attention / gelu_ffn kernels take 16-bit
+    inputs only (tensor cores), every other backend float32."""
+    return torch.bfloat16 if backend == "cuda" else torch.float32
+
+
 def args_with(good: dict, **changes) -> tuple[dict, dict]:
     """A bad-input case: the positional arguments ``good`` with some replaced (a value, or a function
     of the good value), and every change naming no argument passed as a keyword argument."""

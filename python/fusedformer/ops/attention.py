@@ -63,7 +63,7 @@ TABLE: dict[str, backends.Impl] = {
     "reference": backends.Impl(lambda: (reference.attention_fwd, reference.attention_bwd),
                                C.reference_reasons),
     "cpu": backends.Impl(_load_native, C.native_reasons(OP, "cpu")),
-    "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda", extra=lambda i: _cuda_limits(i))),
+    "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda", extra=_cuda_limits)),
 }
 if C.triton_kernels_installed("attention"):
     TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP, extra=lambda i: [
