@@ -1,6 +1,7 @@
-"""The gelu_ffn CUDA kernels and their host code (csrc/gelu_ffn/gelu_ffn_cuda.cuh) on the CPU through
-the SIMT emulator: the same templates nvcc builds into fusedformer._C, compiled by g++ with
--DFF_SIMT_EMULATION into a test-only extension (csrc/tests/emu/emu_gelu_ffn.cpp).
+"""The gelu_ffn CUDA kernels (csrc/gelu_ffn/gelu_ffn_cuda.cuh, launchers gelu_ffn_cuda_*.cu) and their
+host code (gelu_ffn_cuda.cpp) on the CPU through the SIMT emulator: the same sources nvcc and the host
+compiler build into fusedformer._C, compiled by g++ with -DFF_SIMT_EMULATION into a test-only
+extension (csrc/tests/emu/emu_gelu_ffn.cpp).
 
 Forward and backward against the float64 reference by the 2x rule (y, pre, dx, dw1, db1, dw2,
 db2), on widths that are multiples of 8 but not of the tiles (C = 40, F = 136, C2 = 24), 1 to 130
@@ -25,7 +26,7 @@ GUARD = 24                       # guard elements each side (48 bytes: keeps 16-
 
 @pytest.fixture(scope="module")
 def emu():
-    return emu_build.load_emu("emu_gelu_ffn", ["csrc/tests/emu/emu_gelu_ffn.cpp"])
+    return emu_build.load_emu("emu_gelu_ffn", ["csrc/tests/emu/emu_gelu_ffn.cpp", "csrc/gelu_ffn/gelu_ffn_cuda.cpp"])
 
 
 class Guarded:

@@ -38,20 +38,19 @@
 // Determinism: no atomics. Bias gradients are per-CTA (GEMM) or per-row-chunk (element-wise pass)
 // column partial sums in float32, added by one thread per column in row-tile order.
 //
-// This header uses common/simt.cuh only, so the same kernels and host launchers compile with nvcc
-// (gelu_ffn_cuda_*.cu) and, with -DFF_SIMT_EMULATION, with a host C++ compiler for the emulated
-// tests (csrc/tests/emu/emu_gelu_ffn.cpp). The orchestration below works on at::Tensor (CPU tensors
-// in the emulation; at::mm_out is cuBLAS on the GPU, torch's CPU GEMM there).
+// This header uses common/simt.cuh only (no ATen), so the same kernels and launchers compile with
+// nvcc (instantiated by the type-erased launchers of gelu_ffn_cuda_fwd.cu / _bwd.cu, declared in
+// gelu_ffn_cuda.h) and, with -DFF_SIMT_EMULATION, with a host C++ compiler for the emulated tests
+// (csrc/tests/emu/emu_gelu_ffn.cpp). The orchestration — workspaces, the launches in order, the
+// cuBLAS GEMMs — is host code in gelu_ffn_cuda.cpp, run unchanged by those tests on CPU tensors.
 #pragma once
-#include <ATen/ATen.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "common/philox.h"
 #include "common/simt.cuh"
-#include "gelu_ffn/gelu_ffn.h"
+#include "gelu_ffn/gelu_ffn_cuda.h"
 
 #ifdef FF_SIMT_EMULATION
 #define FF_GEMM_LAUNCH_BOUNDS(threads)
@@ -444,30 +443,17 @@ __global__ void colsum_reduce_kernel(const float* __restrict__ partial,  // (row
 // ---------------------------------------------------------------------------------------------
 // Host launchers (raw pointers, a stream)
 // ---------------------------------------------------------------------------------------------
-enum class TileChoice { kAuto, kLarge, kSmall };
-
-struct Launch {
-  cudaStream_t stream;
-  int num_sms;                          // the device's SM count (picks the tile in kAuto)
-  TileChoice tile = TileChoice::kAuto;  // the tests force either
-};
+using cuda::Launch;
+using cuda::TileChoice;
+using cuda::use_large_tile;
+static_assert(TileLarge::BM == cuda::kLargeBM && TileLarge::BN == cuda::kLargeBN && TileSmall::BM == cuda::kSmallBM,
+              "gelu_ffn_cuda.h's tile sizes");
 
 template <typename T, class Cfg, bool kNN, class Epi>
 void launch_gemm_tile(const T* A, const T* B, int64_t M, int N, int K, const Epi& epi, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((M + Cfg::BM - 1) / Cfg::BM), static_cast<unsigned>((N + Cfg::BN - 1) / Cfg::BN));
   ff::simt::launch(gemm_kernel<T, Cfg, kNN, Epi>, grid, dim3(Cfg::THREADS), Smem<Cfg, kNN>::BYTES, stream, A, B, M, N,
                    K, epi);
-}
-
-inline bool use_large_tile(int64_t M, int N, const Launch& l) {
-  if (l.tile != TileChoice::kAuto) return l.tile == TileChoice::kLarge;
-  const int64_t ctas = (M + TileLarge::BM - 1) / TileLarge::BM * ((N + TileLarge::BN - 1) / TileLarge::BN);
-  return ctas >= l.num_sms;
-}
-
-inline int64_t tiles_m(int64_t M, int N, const Launch& l) {
-  const int bm = use_large_tile(M, N, l) ? TileLarge::BM : TileSmall::BM;
-  return (M + bm - 1) / bm;
 }
 
 // C = A B with the epilogue; NT: B is (N, K), NN: B is (K, N). K, N multiples of 8.
@@ -493,62 +479,6 @@ template <typename T>
 void colsum_reduce(const float* partial, int64_t rows, int N, T* out, cudaStream_t stream) {
   ff::simt::launch(colsum_reduce_kernel<T>, dim3(static_cast<unsigned>((N + kEwThreads - 1) / kEwThreads)),
                    dim3(kEwThreads), 0, stream, partial, rows, N, out);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The op (at::Tensor in, the same code on the GPU and in the emulation)
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() ? static_cast<const T*>(t.data_ptr()) : nullptr;
-}
-template <typename T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
-}
-
-template <typename T>
-void forward(const FwdArgs& a, const Launch& l) {
-  const int64_t M = a.x.size(0);
-  const int C = static_cast<int>(a.x.size(1)), F = static_cast<int>(a.w1.size(0)), C2 = static_cast<int>(a.w2.size(0));
-  const at::Tensor g = at::empty({M, F}, a.x.options());
-  gemm<T, false>(cptr<T>(a.x), cptr<T>(a.w1), M, F, C,
-                 BiasGeluEpilogue<T>{cptr<T>(a.b1), mptr<T>(a.pre), mptr<T>(g), F, a.tanh}, l);
-  gemm<T, false>(cptr<T>(g), cptr<T>(a.w2), M, C2, F, BiasDropoutEpilogue<T>{cptr<T>(a.b2), mptr<T>(a.y), C2, a.dropout},
-                 l);
-}
-
-template <typename T>
-void backward(const BwdArgs& a, const Launch& l) {
-  const int64_t M = a.x.size(0);
-  const int F = static_cast<int>(a.w1.size(0)), C2 = static_cast<int>(a.w2.size(0));
-  const at::TensorOptions f32 = a.x.options().dtype(at::kFloat);
-
-  // dz = dy * Z and db2: row chunks of at least 64 rows, at most 1024 chunks.
-  at::Tensor dz = a.dy;
-  if (a.dropout.enabled || a.db2.defined()) {
-    const int64_t rows_per_chunk = std::max<int64_t>(64, (M + 1023) / 1024);
-    const int64_t chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
-    if (a.dropout.enabled) dz = at::empty({M, C2}, a.x.options());
-    const at::Tensor partial = a.db2.defined() ? at::empty({chunks, C2}, f32) : at::Tensor();
-    dropout_colsum<T>(cptr<T>(a.dy), a.dropout.enabled ? mptr<T>(dz) : nullptr, mptr<float>(partial), M, C2, chunks,
-                      rows_per_chunk, a.dropout, l.stream);
-    if (a.db2.defined()) colsum_reduce<T>(cptr<float>(partial), chunks, C2, mptr<T>(a.db2), l.stream);
-  }
-
-  // dpre, g = dgelu(dz w2) and the db1 partials.
-  const at::Tensor dpre = at::empty({M, F}, a.x.options());
-  const at::Tensor g = at::empty({M, F}, a.x.options());
-  const int64_t tm = tiles_m(M, F, l);
-  const at::Tensor partial = a.db1.defined() ? at::empty({tm, F}, f32) : at::Tensor();
-  gemm<T, true>(cptr<T>(dz), cptr<T>(a.w2), M, F, C2,
-                DgeluEpilogue<T>{cptr<T>(a.pre), mptr<T>(dpre), mptr<T>(g), mptr<float>(partial), F, a.tanh}, l);
-  if (a.db1.defined()) colsum_reduce<T>(cptr<float>(partial), tm, F, mptr<T>(a.db1), l.stream);
-
-  at::Tensor dw2 = a.dw2, dw1 = a.dw1, dx = a.dx;
-  at::mm_out(dw2, dz.t(), g);
-  at::mm_out(dw1, dpre.t(), a.x);
-  at::mm_out(dx, dpre, a.w1);
 }
 
 }  // namespace ff::gelu_ffn::tc

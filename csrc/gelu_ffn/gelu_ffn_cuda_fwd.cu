@@ -1,22 +1,43 @@
-// gelu_ffn forward on CUDA GPUs: the entry point; the kernels are in gelu_ffn_cuda.cuh. Forward and
-// backward live in separate files so that their instantiations compile in parallel.
-#include <c10/cuda/CUDAStream.h>
-
+// gelu_ffn forward launchers (declared in gelu_ffn_cuda.h; kernels in gelu_ffn_cuda.cuh): the
+// instantiations of the two forward GEMMs. Forward and backward live in separate files so that
+// they compile in parallel; neither includes ATen.
 #include "gelu_ffn/gelu_ffn_cuda.cuh"
 
-namespace ff::gelu_ffn {
+namespace ff::gelu_ffn::cuda {
+namespace {
 
-void fwd_cuda(const FwdArgs& a) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const tc::Launch l{c10::cuda::getCurrentCUDAStream().stream(), sms};
-  if (a.x.scalar_type() == at::kHalf) {
-    tc::forward<__half>(a, l);
+template <typename T>
+void bias_gelu(const void* x, const void* w1, const void* b1, void* pre, void* g, int64_t M, int F, int C, bool tanh,
+               const Launch& l) {
+  const tc::BiasGeluEpilogue<T> epi{static_cast<const T*>(b1), static_cast<T*>(pre), static_cast<T*>(g), F, tanh};
+  tc::gemm<T, false>(static_cast<const T*>(x), static_cast<const T*>(w1), M, F, C, epi, l);
+}
+
+template <typename T>
+void bias_dropout(const void* g, const void* w2, const void* b2, void* y, int64_t M, int C2, int F,
+                  const DropoutParams& dropout, const Launch& l) {
+  const tc::BiasDropoutEpilogue<T> epi{static_cast<const T*>(b2), static_cast<T*>(y), C2, dropout};
+  tc::gemm<T, false>(static_cast<const T*>(g), static_cast<const T*>(w2), M, C2, F, epi, l);
+}
+
+}  // namespace
+
+void gemm_bias_gelu(bool bf16, const void* x, const void* w1, const void* b1, void* pre, void* g, int64_t M, int F,
+                    int C, bool tanh, const Launch& l) {
+  if (bf16) {
+    bias_gelu<__nv_bfloat16>(x, w1, b1, pre, g, M, F, C, tanh, l);
   } else {
-    TORCH_CHECK(a.x.scalar_type() == at::kBFloat16, "gelu_ffn (cuda): unsupported dtype ", a.x.scalar_type());
-    tc::forward<__nv_bfloat16>(a, l);
+    bias_gelu<__half>(x, w1, b1, pre, g, M, F, C, tanh, l);
   }
 }
 
-}  // namespace ff::gelu_ffn
+void gemm_bias_dropout(bool bf16, const void* g, const void* w2, const void* b2, void* y, int64_t M, int C2, int F,
+                       const DropoutParams& dropout, const Launch& l) {
+  if (bf16) {
+    bias_dropout<__nv_bfloat16>(g, w2, b2, y, M, C2, F, dropout, l);
+  } else {
+    bias_dropout<__half>(g, w2, b2, y, M, C2, F, dropout, l);
+  }
+}
+
+}  // namespace ff::gelu_ffn::cuda
