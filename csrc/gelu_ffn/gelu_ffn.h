@@ -59,7 +59,8 @@ void fwd_cpu(const FwdArgs& a);
 void bwd_cpu(const BwdArgs& a);
 #ifdef FF_WITH_CUDA
 // float16 / bfloat16 only; C, F and C2 multiples of 8; x, w1, w2, dy, pre 16-byte aligned
-// (gelu_ffn_ops.cpp checks or arranges all of it). Kernels: gelu_ffn_cuda.cuh.
+// (gelu_ffn_ops.cpp checks or arranges all of it). Defined in gelu_ffn_cuda.cpp; kernels in
+// gelu_ffn_cuda.cuh.
 void fwd_cuda(const FwdArgs& a);
 void bwd_cuda(const BwdArgs& a);
 #endif
