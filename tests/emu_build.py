@@ -1,7 +1,8 @@
 """Build test-only torch extensions that run CUDA kernels on the CPU through the SIMT emulator.
 
 ``load_emu(name, sources)`` compiles ``sources`` (paths relative to the repository root, or
-absolute) with the host C++ compiler — no nvcc — using ``-std=c++17 -O1 -DFF_SIMT_EMULATION``, with
+absolute) with the host C++ compiler — no nvcc — using ``-std=c++20 -O1 -DFF_SIMT_EMULATION`` (C++20 because
+torch's own headers require it; the emulation itself needs only C++17), with
 ``csrc/`` and the CUDA toolkit's ``include/`` directory (for cuda_fp16.h, cuda_bf16.h,
 cuda_runtime_api.h) on the include path, and returns the loaded module. The sources include
 ``common/simt.cuh``, which under ``FF_SIMT_EMULATION`` is the host emulation
@@ -28,7 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-FLAGS = ["-std=c++17", "-O1", "-DFF_SIMT_EMULATION"]
+FLAGS = ["-std=c++20", "-O1", "-DFF_SIMT_EMULATION"]
 
 _loaded: dict[str, object] = {}
 

@@ -69,6 +69,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -621,18 +622,34 @@ inline void fiber_exit_checks(Runtime& rt, Thread& t) {
   std::abort();  // an exited fiber is never resumed
 }
 
-inline std::string kernel_name(const void* fn) {
+// The kernel's demangled name when it is an exported symbol; otherwise (internal linkage, e.g. an
+// anonymous namespace) its module and offset, for addr2line, and its signature.
+inline std::string kernel_name(const void* fn, const char* signature) {
   Dl_info info;
-  if (dladdr(fn, &info) && info.dli_sname) {
+  std::ostringstream os;
+  const bool found = dladdr(fn, &info) != 0;
+  if (found && info.dli_sname && info.dli_saddr == fn) {
     int status = 0;
     char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
-    std::string s = status == 0 && d ? d : info.dli_sname;
+    os << (status == 0 && d ? d : info.dli_sname);
     std::free(d);
-    return s;
+  } else {
+    os << "kernel " << signature << " at ";
+    if (found && info.dli_fname)
+      os << info.dli_fname << "+0x" << std::hex
+         << (reinterpret_cast<uintptr_t>(fn) - reinterpret_cast<uintptr_t>(info.dli_fbase));
+    else
+      os << fn;
   }
-  std::ostringstream os;
-  os << "kernel@" << fn;
   return os.str();
+}
+
+inline std::string demangled_type(const char* mangled) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+  std::string s = status == 0 && d ? d : mangled;
+  std::free(d);
+  return s;
 }
 
 inline std::string dims_str(uint3 v) {
@@ -657,12 +674,12 @@ inline std::string deadlock_report(const Runtime& rt) {
 }
 
 // Runs every block of the grid; `body(ctx)` is one thread's kernel invocation.
-inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ctx) {
+inline void run_grid(const void* kernel, const char* signature, dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ctx) {
   Runtime& rt = runtime();
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
   auto launch_error = [&](const std::string& why) {
-    return std::runtime_error("simt emulation: launch of " + kernel_name(kernel) + " with grid " +
+    return std::runtime_error("simt emulation: launch of " + kernel_name(kernel, signature) + " with grid " +
                               dims_str(uint3{grid.x, grid.y, grid.z}) + ", block " +
                               dims_str(uint3{block.x, block.y, block.z}) + ", " + std::to_string(smem_bytes) +
                               " bytes of shared memory: " + why);
@@ -722,7 +739,7 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_byte
     }
     while (rt.live > 0) {
       if (rt.runnable.empty()) {
-        throw std::runtime_error("simt emulation: " + kernel_name(kernel) + " block " + dims_str(rt.block_idx) +
+        throw std::runtime_error("simt emulation: " + kernel_name(kernel, signature) + " block " + dims_str(rt.block_idx) +
                                  ": " + deadlock_report(rt));
       }
       const size_t k = rt.next_random() % rt.runnable.size();
@@ -734,7 +751,7 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_byte
       rt.current = nullptr;
       if (rt.failure.failed) {
         const Thread& f = *rt.failure.thread;
-        throw std::runtime_error("simt emulation: " + kernel_name(kernel) + " block " + dims_str(rt.block_idx) +
+        throw std::runtime_error("simt emulation: " + kernel_name(kernel, signature) + " block " + dims_str(rt.block_idx) +
                                  " thread " + dims_str(f.tid) + " (warp " + std::to_string(f.warp) + ", lane " +
                                  std::to_string(f.lane) + "): " + rt.failure.message);
       }
@@ -833,7 +850,8 @@ inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_
       std::apply(c->kernel, *c->params);
     }
   } call{kernel, &params};
-  emu::run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, &Call::run, &call);
+  static const std::string signature = emu::demangled_type(typeid(kernel).name());
+  emu::run_grid(reinterpret_cast<const void*>(kernel), signature.c_str(), grid, block, smem_bytes, &Call::run, &call);
 }
 
 }  // namespace ff::simt
