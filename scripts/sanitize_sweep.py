@@ -30,7 +30,7 @@ def _available(op_module) -> str | None:
 
 def _backward(out, *inputs) -> None:
     leaves = [t for t in inputs if t is not None and t.requires_grad]
-    torch.autograd.grad(out, leaves, torch.randn_like(out))
+    torch.autograd.grad(out, leaves, torch.randn_like(out), retain_graph=True)
 
 
 def sweep_attention(quick: bool) -> int:
@@ -53,6 +53,12 @@ def sweep_attention(quick: bool) -> int:
             kwargs.update(attn_mask=torch.randn(1, H, Sq, Sk, device="cuda", dtype=dtype))
         out = ff.attention(q, k, v, is_causal=causal, enable_gqa=Hk != H, backend="cuda", **kwargs)
         _backward(out, q, k, v)
+        if extras == "none":  # the deterministic backward (a dQ kernel instead of atomics) as well
+            torch.use_deterministic_algorithms(True)
+            try:
+                _backward(out, q, k, v)
+            finally:
+                torch.use_deterministic_algorithms(False)
         runs += 1
     return runs
 

@@ -47,12 +47,12 @@ __attribute__((always_inline)) inline void store_elem(c10::BFloat16* p, int64_t 
 template <typename T>
 inline constexpr bool kDirectElem = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
-FF_CPU_CLONES static void bf16_to_f32(const c10::BFloat16* src, float* dst, int64_t n) {
+[[maybe_unused]] FF_CPU_CLONES static void bf16_to_f32(const c10::BFloat16* src, float* dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = load_elem(src, i);
 }
 
-FF_CPU_CLONES static void f32_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+[[maybe_unused]] FF_CPU_CLONES static void f32_to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) store_elem(dst, i, src[i]);
 }

@@ -11,8 +11,10 @@
 
 #if defined(__CUDACC__)
 #define FF_HOST_DEVICE __host__ __device__ __forceinline__
+#define FF_UNROLL_10 _Pragma("unroll")
 #else
 #define FF_HOST_DEVICE inline
+#define FF_UNROLL_10 _Pragma("GCC unroll 10")
 #endif
 
 namespace ff {
@@ -35,7 +37,7 @@ FF_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 // Ten rounds of Philox4x32 on counter (c0, c1, 0, 0) with key (k0, k1).
 FF_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
   uint32_t c2 = 0, c3 = 0;
-#pragma unroll
+  FF_UNROLL_10
   for (int r = 0; r < 10; ++r) {
     if (r) {
       k0 += 0x9E3779B9u;
