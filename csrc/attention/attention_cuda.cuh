@@ -247,6 +247,27 @@ __device__ __forceinline__ void dropout_pair(const DropoutParams& d, uint64_t n,
   z1 = r1 >= d.threshold ? d.scale : 0.f;
 }
 
+// The K / V pipeline of the forward and dQ kernels (double buffer, tile `it` of `ntiles` in
+// buffer it & 1): start the copies of tile it + 1 into the other buffer, then wait until tile
+// `it` has landed and every thread can read it.
+template <int BK, int DP, typename T>
+__device__ __forceinline__ void next_kv_tile(T* sK, T* sV, const T* K, const T* V, const Problem& pb, int it,
+                                             int ntiles) {
+  constexpr int LD = Tiles<DP>::kLd;
+  if (it + 1 < ntiles) {
+    const int kn = (it + 1) * BK, buf = (it + 1) & 1, Sk = static_cast<int>(pb.Sk);
+    load_tile_async<BK, DP>(sK + buf * BK * LD, K + kn * pb.k.stride_s, pb.k.stride_s, Sk - kn,
+                            static_cast<int>(pb.D));
+    load_tile_async<BK, DP>(sV + buf * BK * LD, V + kn * pb.v.stride_s, pb.v.stride_s, Sk - kn,
+                            static_cast<int>(pb.Dv));
+    ff::simt::cp_async_commit();
+    ff::simt::cp_async_wait<1>();
+  } else {
+    ff::simt::cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -286,16 +307,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 
   for (int it = 0; it < ntiles; ++it) {
     const int k0 = it * BK;
-    if (it + 1 < ntiles) {  // prefetch the next K / V tile into the other buffer
-      const int kn = k0 + BK, buf = (it + 1) & 1;
-      load_tile_async<BK, DP>(sK + buf * BK * LD, K + kn * pb.k.stride_s, pb.k.stride_s, Sk - kn, D);
-      load_tile_async<BK, DP>(sV + buf * BK * LD, V + kn * pb.v.stride_s, pb.v.stride_s, Sk - kn, Dv);
-      ff::simt::cp_async_commit();
-      ff::simt::cp_async_wait<1>();
-    } else {
-      ff::simt::cp_async_wait<0>();
-    }
-    __syncthreads();
+    next_kv_tile<BK, DP>(sK, sV, K, V, pb, it, ntiles);
     const T* cK = sK + (it & 1) * BK * LD;
     const T* cV = sV + (it & 1) * BK * LD;
 
@@ -585,16 +597,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(const BwdParams p, con
 
   for (int it = 0; it < ntiles; ++it) {
     const int k0 = it * BK;
-    if (it + 1 < ntiles) {
-      const int kn = k0 + BK, buf = (it + 1) & 1;
-      load_tile_async<BK, DP>(sK + buf * BK * LD, K + kn * pb.k.stride_s, pb.k.stride_s, Sk - kn, D);
-      load_tile_async<BK, DP>(sV + buf * BK * LD, V + kn * pb.v.stride_s, pb.v.stride_s, Sk - kn, Dv);
-      ff::simt::cp_async_commit();
-      ff::simt::cp_async_wait<1>();
-    } else {
-      ff::simt::cp_async_wait<0>();
-    }
-    __syncthreads();
+    next_kv_tile<BK, DP>(sK, sV, K, V, pb, it, ntiles);
     const T* cK = sK + (it & 1) * BK * LD;
     const T* cV = sV + (it & 1) * BK * LD;
 
