@@ -28,7 +28,8 @@ ROW_PAD = 8     # extra elements per output row (the views are strided)
 
 @pytest.fixture(scope="module")
 def emu():
-    return emu_build.load_emu("emu_attention", ["csrc/tests/emu/emu_attention.cpp"])
+    return emu_build.load_emu("emu_attention", ["csrc/tests/emu/emu_attention.cpp",
+                                                   "csrc/attention/attention_problem.cpp"])
 
 
 class Guarded:

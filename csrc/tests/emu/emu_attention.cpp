@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "attention/attention_cuda.cuh"
+#include "attention/attention_problem.h"
 
 namespace {
 
@@ -14,34 +15,13 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using namespace ff::attention;
 
-Strided4 strided(const Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-
-// The Problem as attention_ops.cpp builds it (shapes were checked by the caller, the test).
-Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask,
+// The Problem exactly as the op builds and checks it (attention_problem.cpp is linked in).
+Problem cuda_problem(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask,
                      const OptTensor& key_padding_mask, double dropout_p, bool causal, double scale, int64_t seed,
                      int64_t offset) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "float16 or bfloat16");
-  Problem pb;
-  pb.B = q.size(0);
-  pb.H = q.size(1);
-  pb.Sq = q.size(2);
-  pb.D = q.size(3);
-  pb.Hk = k.size(1);
-  pb.Sk = k.size(2);
-  pb.Dv = v.size(3);
-  pb.q = strided(q);
-  pb.k = strided(k);
-  pb.v = strided(v);
-  if (attn_mask) {
-    pb.mask = strided(*attn_mask);
-    pb.mask_stride_k = attn_mask->stride(3);
-    pb.mask_dtype = attn_mask->scalar_type();
-  }
-  if (key_padding_mask) pb.key_padding = key_padding_mask->data_ptr<bool>();
-  pb.scale = static_cast<float>(scale);
-  pb.causal = causal;
-  pb.dropout = ff::make_dropout(dropout_p, seed, offset);
-  pb.dtype = q.scalar_type();
+  constexpr const char* op = "emu_attention: ";
+  Problem pb = make_problem(op, q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
+  check_cuda_problem(op, pb);
   return pb;
 }
 
@@ -49,7 +29,7 @@ void fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& att
          const OptTensor& key_padding_mask, double dropout_p, bool causal, double scale, int64_t seed, int64_t offset,
          const Tensor& out, const Tensor& lse) {
   FwdParams p;
-  p.pb = make_problem(q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
+  p.pb = cuda_problem(q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
   p.out = strided(out);
   p.lse = lse.data_ptr<float>();
   if (p.pb.dtype == at::kHalf) {
@@ -63,7 +43,7 @@ void bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, 
          const OptTensor& attn_mask, const OptTensor& key_padding_mask, double dropout_p, bool causal, double scale,
          int64_t seed, int64_t offset, bool deterministic, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
   BwdParams p;
-  p.pb = make_problem(q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
+  p.pb = cuda_problem(q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
   p.dout = strided(dout);
   p.out = strided(out);
   p.lse = lse.data_ptr<float>();
