@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -78,10 +79,8 @@ Tensor aligned16(const Tensor& t) {
 }
 #endif
 
-std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
-                                        const OptTensor& b2, const std::string& approximate, double dropout_p,
-                                        int64_t seed, int64_t offset) {
-  constexpr const char* op = "fusedformer_C::gelu_ffn_fwd: ";
+// x (M, C), w1 (F, C) and w2 (C2, F), all non-empty: returns {M, C, F, C2}.
+std::array<int64_t, 4> check_shapes(const char* op, const Tensor& x, const Tensor& w1, const Tensor& w2) {
   check_x(op, x);
   const int64_t M = x.size(0), C = x.size(1);
   FF_CHECK_ARG(w1.defined() && w1.dim() == 2 && w2.defined() && w2.dim() == 2, op, "w1 and w2 must be matrices");
@@ -89,6 +88,14 @@ std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const
   FF_CHECK_ARG(F > 0 && C2 > 0, op, "w1 / w2 are empty");
   check_matrix(op, "w1", w1, x, F, C);
   check_matrix(op, "w2", w2, x, C2, F);
+  return {M, C, F, C2};
+}
+
+std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
+                                        const OptTensor& b2, const std::string& approximate, double dropout_p,
+                                        int64_t seed, int64_t offset) {
+  constexpr const char* op = "fusedformer_C::gelu_ffn_fwd: ";
+  const auto [M, C, F, C2] = check_shapes(op, x, w1, w2);
   check_bias(op, "b1", b1, x, F);
   check_bias(op, "b2", b2, x, C2);
   check_dropout(op, dropout_p, offset);
@@ -126,13 +133,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy
                                                                 int64_t seed, int64_t offset, bool has_b1,
                                                                 bool has_b2) {
   constexpr const char* op = "fusedformer_C::gelu_ffn_bwd: ";
-  check_x(op, x);
-  const int64_t M = x.size(0), C = x.size(1);
-  FF_CHECK_ARG(w1.defined() && w1.dim() == 2 && w2.defined() && w2.dim() == 2, op, "w1 and w2 must be matrices");
-  const int64_t F = w1.size(0), C2 = w2.size(0);
-  FF_CHECK_ARG(F > 0 && C2 > 0, op, "w1 / w2 are empty");
-  check_matrix(op, "w1", w1, x, F, C);
-  check_matrix(op, "w2", w2, x, C2, F);
+  const auto [M, C, F, C2] = check_shapes(op, x, w1, w2);
   check_matrix(op, "dy", dy, x, M, C2);
   check_matrix(op, "pre", pre, x, M, F);
   check_dropout(op, dropout_p, offset);
