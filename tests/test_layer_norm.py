@@ -48,6 +48,16 @@ def test_plain(backend, dtype, N, rms):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_rows(backend, dtype):
+    """Enough rows that the CPU backward sums several row groups into each dweight/dbias partial
+    (and ends on a short group); a width that is not a multiple of any vector length."""
+    device = skip_unless_available(op_module, backend)
+    inputs = _inputs(1030, 67, residual=True, gen_seed=11)
+    check_against_reference("layer_norm", _call(False, 0.2, 4321, True, 67), inputs, backend, dtype, device,
+                            ["x", "residual", "weight", "bias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N", [7, 1023, 1500])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_residual_dropout_prenorm(backend, dtype, N, dropout_p):

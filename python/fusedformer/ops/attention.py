@@ -114,12 +114,12 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
     if dout is None:  # only the log-sum-exp was used; it carries no gradient here
         return (None,) * 11
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
+    dq, dk, dv = OPS.backward(ctx, dout.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
                                ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.offset, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+OPS = C.FusedOp(OP, TABLE, attention_fwd, attention_bwd, _setup_context, _backward)
 
 
 def _check_qkv(op: str, query, key, value, enable_gqa: bool):
@@ -226,5 +226,5 @@ def attention(
               "seqlen_q": q.shape[2], "seqlen_k": k.shape[2], "has_attn_mask": attn_mask is not None,
               "has_key_padding_mask": key_padding_mask is not None, "dropout_p": dropout_p}
     name = backends.resolve(OP, TABLE, backend, inputs, q.device)
-    out, lse = attention_fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed_t, offset, name)
+    out, lse = OPS(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed_t, offset, name)
     return (out, lse) if return_lse else out

@@ -99,13 +99,13 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     if dout is None:  # only the log-sum-exp was used; it carries no gradient here
         return (None,) * 13
-    dq, dk, dv = attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    dq, dk, dv = OPS.backward(ctx, dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                       ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.dropout_p, ctx.is_causal, ctx.scale,
                                       seed, ctx.offset, ctx.backend)
     return (dq, dk, dv) + (None,) * 10
 
 
-attention_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+OPS = C.FusedOp(OP, TABLE, attention_varlen_fwd, attention_varlen_bwd, _setup_context, _backward)
 
 
 def _check_cu_seqlens(op: str, name: str, cu, total: int, device: torch.device, max_name: str, max_len) -> int:
@@ -200,6 +200,6 @@ def attention_varlen(
     inputs = {"device": q.device, "dtype": q.dtype, "head_dim": D, "head_dim_v": v.shape[-1],
               "seqlen_q": max_seqlen_q, "seqlen_k": max_seqlen_k, "dropout_p": dropout_p}
     name = backends.resolve(OP, TABLE, backend, inputs, q.device)
-    out, lse = attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+    out, lse = OPS(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                     is_causal, scale, seed_t, offset, name)
     return (out, lse) if return_lse else out

@@ -100,13 +100,13 @@ def _backward(ctx, dy, _dpre):
     x, w1, w2, pre, seed = ctx.saved_tensors
     if dy is None:
         return (None,) * 10
-    dx, dw1, db1, dw2, db2 = gelu_ffn_bwd(dy.contiguous(), x, w1, w2, pre, ctx.approximate, ctx.dropout_p,
+    dx, dw1, db1, dw2, db2 = OPS.backward(ctx, dy.contiguous(), x, w1, w2, pre, ctx.approximate, ctx.dropout_p,
                                           seed, ctx.offset, ctx.has_b1, ctx.has_b2, ctx.backend)
     return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
             None, None, None, None, None)
 
 
-gelu_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+OPS = C.FusedOp(OP, TABLE, gelu_ffn_fwd, gelu_ffn_bwd, _setup_context, _backward)
 
 
 def gelu_ffn(
@@ -151,5 +151,5 @@ def gelu_ffn(
     x2 = x.reshape(-1, Cin).contiguous()
     inputs = {"device": x.device, "dtype": x.dtype, "M": x2.shape[0], "C": Cin, "F": F, "C2": w2.shape[0]}
     name = backends.resolve(OP, TABLE, backend, inputs, x.device)
-    y, _ = gelu_ffn_fwd(x2, w1.contiguous(), b1, w2.contiguous(), b2, approximate, dropout_p, seed_t, offset, name)
+    y, _ = OPS(x2, w1.contiguous(), b1, w2.contiguous(), b2, approximate, dropout_p, seed_t, offset, name)
     return y.reshape(*x.shape[:-1], w2.shape[0])

@@ -105,7 +105,7 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd, seed = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(h)
-    dsum, dx, dweight, dbias = layer_norm_bwd(
+    dsum, dx, dweight, dbias = OPS.backward(ctx, 
         dy.contiguous(), dh.contiguous() if (ctx.has_h and dh is not None) else None, h, weight, mean, rstd,
         ctx.dropout_p, seed, ctx.offset, ctx.rms, ctx.has_bias, ctx.backend)
     return (dx if ctx.dropout_p > 0.0 else dsum,
@@ -115,12 +115,21 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
             None, None, None, None, None, None)
 
 
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+OPS = C.FusedOp(OP, TABLE, layer_norm_fwd, layer_norm_bwd, _setup_context, _backward)
 
 
 # ------------------------------------------------------------------------------------------------
 # functional API
 # ------------------------------------------------------------------------------------------------
+def _flat(t: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
+    """``t`` reshaped to ``shape``, contiguous (the reshape only where needed: it costs microseconds)."""
+    if t is None:
+        return None
+    if t.dim() != len(shape) or t.shape[-1] != shape[-1]:
+        t = t.reshape(shape)
+    return t.contiguous()
+
+
 def _norm(op: str, input: Tensor, normalized_shape, weight, bias, eps, residual, dropout_p, seed,
           offset, return_residual, backend, rms):
     x = C.check_tensor(op, "input", input, min_ndim=1)
@@ -145,15 +154,15 @@ def _norm(op: str, input: Tensor, normalized_shape, weight, bias, eps, residual,
     N = 1
     for s in normalized_shape:
         N *= s
-    x2 = x.reshape(-1, N).contiguous()
-    r2 = residual.reshape(-1, N).contiguous() if residual is not None else None
-    w1 = weight.reshape(N).contiguous() if weight is not None else None
-    b1 = bias.reshape(N).contiguous() if bias is not None else None
+    x2 = _flat(x, (-1, N))
+    r2 = _flat(residual, (-1, N))
+    w1, b1 = _flat(weight, (N,)), _flat(bias, (N,))
     inputs = {"device": x.device, "dtype": x.dtype, "M": x2.shape[0], "N": N,
               "weight_dtype": None if w1 is None else w1.dtype}
     name = backends.resolve(OP, TABLE, backend, inputs, x.device)
-    y, h, _, _ = layer_norm_fwd(x2, r2, w1, b1, eps, dropout_p, seed_t, offset, rms, name)
-    y = y.reshape(x.shape)
+    y, h, _, _ = OPS(x2, r2, w1, b1, eps, dropout_p, seed_t, offset, rms, name)
+    if y.shape != x.shape:
+        y = y.reshape(x.shape)
     if not return_residual:
         return y
     prenorm = h.reshape(x.shape) if (residual is not None or dropout_p > 0.0) else x
