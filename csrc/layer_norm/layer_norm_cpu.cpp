@@ -46,35 +46,33 @@ FF_INLINE float lane_sum(float* acc) {
 }
 
 // sum_i (x_i - center)^p for p = 1 or 2
-template <int P, typename T>
-FF_INLINE float row_moment(const T* x, int64_t n, float center) {
+template <int P>
+FF_INLINE float row_moment(const float* x, int64_t n, float center) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
-      const float d = load_elem(x, i + j) - center;
+      const float d = x[i + j] - center;
       acc[j] += P == 1 ? d : d * d;
     }
   }
   for (int64_t j = 0; i + j < n; ++j) {
-    const float d = load_elem(x, i + j) - center;
+    const float d = x[i + j] - center;
     acc[j] += P == 1 ? d : d * d;
   }
   return lane_sum(acc);
 }
 
 FF_CPU_CLONES float row_sum(const float* x, int64_t n) { return row_moment<1>(x, n, 0.f); }
-FF_CPU_CLONES float row_sum(const c10::BFloat16* x, int64_t n) { return row_moment<1>(x, n, 0.f); }
 FF_CPU_CLONES float row_sum_sq(const float* x, int64_t n, float c) { return row_moment<2>(x, n, c); }
-FF_CPU_CLONES float row_sum_sq(const c10::BFloat16* x, int64_t n, float c) { return row_moment<2>(x, n, c); }
 
 // out = (h - mean) * rstd * w + b
-template <typename TI, typename TO>
-FF_INLINE void row_normalize_t(const TI* h, const float* w, const float* b, float mean, float rstd, TO* out,
+template <typename TO>
+FF_INLINE void row_normalize_t(const float* h, const float* w, const float* b, float mean, float rstd, TO* out,
                                int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) store_elem(out, i, (load_elem(h, i) - mean) * rstd * w[i] + b[i]);
+  for (int64_t i = 0; i < n; ++i) store_elem(out, i, (h[i] - mean) * rstd * w[i] + b[i]);
 }
 
 FF_CPU_CLONES void row_normalize(const float* h, const float* w, const float* b, float mean, float rstd,
@@ -82,10 +80,6 @@ FF_CPU_CLONES void row_normalize(const float* h, const float* w, const float* b,
   row_normalize_t(h, w, b, mean, rstd, out, n);
 }
 FF_CPU_CLONES void row_normalize(const float* h, const float* w, const float* b, float mean, float rstd,
-                                 c10::BFloat16* out, int64_t n) {
-  row_normalize_t(h, w, b, mean, rstd, out, n);
-}
-FF_CPU_CLONES void row_normalize(const c10::BFloat16* h, const float* w, const float* b, float mean, float rstd,
                                  c10::BFloat16* out, int64_t n) {
   row_normalize_t(h, w, b, mean, rstd, out, n);
 }
@@ -229,17 +223,19 @@ void forward(const FwdParams& p) {
   constexpr bool is_f32 = std::is_same_v<T, float>;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
 
-  // Without dropout or residual, h is x itself: float32 and bfloat16 rows are then normalized in
-  // place (no staging copy); otherwise h is formed in a float32 buffer first.
+  // Without dropout or residual, h is x itself, and float32 rows are normalized in place. Every
+  // other row is formed in a float32 buffer first: for bfloat16 one conversion there is cheaper
+  // than converting on each of the three passes (statistics, then the normalization), which made
+  // the in-place bfloat16 forward ~15 % slower than F.layer_norm at width 768.
   const bool h_is_x = !p.dropout.enabled && !res;
   constexpr bool direct = cpu::kDirectElem<T>;
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> hbuf(h_is_x && direct ? 0 : N), ybuf(direct ? 0 : N);
+    std::vector<float> hbuf(h_is_x && is_f32 ? 0 : N), ybuf(direct ? 0 : N);
     std::vector<float> mult(p.dropout.enabled ? N : 0), rbuf(res ? N : 0);
     for (int64_t m = begin; m < end; ++m) {
       const T* xr = x + m * N;
       T* yr = y + m * N;
-      if (!h_is_x || !direct) {
+      if (!h_is_x || !is_f32) {
         cpu::load_row(xr, hbuf.data(), N);
         if (p.dropout.enabled) {
           dropout_row(p.dropout, static_cast<uint64_t>(m * N), mult.data(), N);
@@ -255,7 +251,7 @@ void forward(const FwdParams& p) {
           if (!is_f32) cpu::load_row(hr, hbuf.data(), N);  // normalize exactly the stored (rounded) h
         }
       }
-      const auto normalize_row = [&](const auto* h) {
+      const auto normalize_row = [&](const float* h) {
         float mean = 0.f, rstd;
         if (p.rms) {
           rstd = 1.f / std::sqrt(row_sum_sq(h, N, 0.f) / static_cast<float>(N) + p.eps);
@@ -272,13 +268,13 @@ void forward(const FwdParams& p) {
           cpu::store_row(ybuf.data(), yr, N);
         }
       };
-      if constexpr (direct) {
+      if constexpr (is_f32) {
         if (h_is_x) {
           normalize_row(xr);
           continue;
         }
       }
-      normalize_row(static_cast<const float*>(hbuf.data()));
+      normalize_row(hbuf.data());
     }
   });
 }
