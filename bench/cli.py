@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where CSV rows and plots go (default: bench/results in a source checkout, "
                         "else ./fusedformer-bench-results)")
     p.add_argument("--no-save", action="store_true", help="print the tables only; write no CSV or PNG")
+    p.add_argument("--cpu-heap", default="kept", choices=("kept", "default"),
+                   help="on a CPU, 'kept' (the default) makes malloc keep freed memory, so that timings are "
+                        "of the kernels rather than of first-touch page faults, whose count depends on the "
+                        "process's allocation history; 'default' leaves malloc as it is (see "
+                        "bench/README.md)")
     return p
 
 
@@ -129,7 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     device = torch.device(args.device)
     start = time.perf_counter()
-    env = common.environment(device)
+    heap_kept = device.type == "cpu" and args.cpu_heap == "kept" and common.keep_cpu_heap()
+    if device.type == "cpu" and args.cpu_heap == "kept" and not heap_kept:
+        log("note: could not set malloc options (not glibc?); CPU timings include page faults")
+    env = common.environment(device, heap_kept)
     budget = common.QUICK_BUDGET if args.size == "quick" else common.FULL_BUDGET
     if args.seconds is not None:
         budget = dataclasses.replace(budget, seconds=args.seconds, max_samples=max(budget.max_samples, 200),
