@@ -47,6 +47,27 @@ def test_plain(backend, dtype, N, rms):
     check_against_reference("layer_norm", _call(rms, 0.0, None, False, N), inputs, backend, dtype, device, grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_far_from_zero_or_with_outliers(backend, dtype):
+    """Statistics where cancellation bites: rows offset far from zero (mean >> std: a one-pass
+    variance about zero loses ~eps * mean^2 / var, here ~2e-3, far beyond the bound), rows whose
+    first elements sit far from the rest (the CPU forward centres its one-pass moments on them and
+    falls back to a second pass), and rows with one huge activation. Offsets are kept where rounding
+    the input itself to float32 stays inside the tight float32 bound."""
+    device = skip_unless_available(op_module, backend)
+    g = torch.Generator().manual_seed(21)
+    N = 1000
+    x = torch.randn(12, N, generator=g, dtype=torch.float64)
+    x[0:4] += 200.0                       # mean >> std
+    x[4:8, :80] += 40.0                   # the head of the row far from the rest
+    x[8:10, 517] = 5000.0                 # one massive activation
+    x[10:12, 3] = -5000.0                 # ... inside the head
+    inputs = {"x": x, "weight": torch.randn(N, generator=g, dtype=torch.float64),
+              "bias": torch.randn(N, generator=g, dtype=torch.float64)}
+    check_against_reference("layer_norm", _call(False, 0.0, None, False, N), inputs, backend, dtype, device,
+                            ["x", "weight", "bias"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_many_rows(backend, dtype):
     """Enough rows that the CPU backward sums several row groups into each dweight/dbias partial

@@ -67,6 +67,45 @@ FF_INLINE float row_moment(const float* x, int64_t n, float center) {
 FF_CPU_CLONES float row_sum(const float* x, int64_t n) { return row_moment<1>(x, n, 0.f); }
 FF_CPU_CLONES float row_sum_sq(const float* x, int64_t n, float c) { return row_moment<2>(x, n, c); }
 
+// s1 = sum_i (x_i - c) and s2 = sum_i (x_i - c)^2, in one pass.
+FF_CPU_CLONES void row_moments(const float* x, int64_t n, float c, float* s1, float* s2) {
+  float a1[kLanes] = {}, a2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float d = x[i + j] - c;
+      a1[j] += d;
+      a2[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; i + j < n; ++j) {
+    const float d = x[i + j] - c;
+    a1[j] += d;
+    a2[j] += d * d;
+  }
+  *s1 = lane_sum(a1);
+  *s2 = lane_sum(a2);
+}
+
+// Mean and (biased) variance of a row, usually in one pass over it: s1, s2 about a provisional
+// center c (the mean of the first kLanes elements) give mean = c + s1/n and
+// var = s2/n - (s1/n)^2. That difference loses precision only when c is far from the mean: its
+// rounding error is ~eps * s2/n = eps * (var + (s1/n)^2), so while (s1/n)^2 <= var it is within
+// 2 eps * var, as good as the two-pass formula. Otherwise (and for non-finite rows) the variance
+// is recomputed about the mean with a second pass, so no input loses accuracy to the shortcut.
+// Saves one of the three passes of the float32 forward.
+FF_INLINE void row_mean_var(const float* x, int64_t n, float* mean, float* var) {
+  const int64_t head = std::min(n, kLanes);
+  const float c = row_sum(x, head) / static_cast<float>(head);
+  float s1, s2;
+  row_moments(x, n, c, &s1, &s2);
+  const float m1 = s1 / static_cast<float>(n);
+  *mean = c + m1;
+  *var = s2 / static_cast<float>(n) - m1 * m1;
+  if (!(m1 * m1 <= *var)) *var = row_sum_sq(x, n, *mean) / static_cast<float>(n);
+}
+
 // out = (h - mean) * rstd * w + b
 template <typename TO>
 FF_INLINE void row_normalize_t(const float* h, const float* w, const float* b, float mean, float rstd, TO* out,
@@ -256,8 +295,9 @@ void forward(const FwdParams& p) {
         if (p.rms) {
           rstd = 1.f / std::sqrt(row_sum_sq(h, N, 0.f) / static_cast<float>(N) + p.eps);
         } else {
-          mean = row_sum(h, N) / static_cast<float>(N);
-          rstd = 1.f / std::sqrt(row_sum_sq(h, N, mean) / static_cast<float>(N) + p.eps);
+          float var;
+          row_mean_var(h, N, &mean, &var);
+          rstd = 1.f / std::sqrt(var + p.eps);
           p.mean[m] = mean;
         }
         p.rstd[m] = rstd;
