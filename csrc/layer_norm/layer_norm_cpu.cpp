@@ -177,7 +177,7 @@ struct RowGroup {
   float mean[kGroup], rstd[kGroup], c1[kGroup], c2[kGroup];
 };
 
-template <bool kExtra, typename T>  // kExtra: dh_out and / or dropout present
+template <bool kDhOut, bool kDropout, typename T>
 FF_INLINE void group_backward_t(const RowGroup<T>& g, const float* w, float* dw_acc, float* db_acc,
                                 int64_t n) {
 #pragma omp simd
@@ -188,10 +188,8 @@ FF_INLINE void group_backward_t(const RowGroup<T>& g, const float* w, float* dw_
       const float dy = load_elem(g.dy[r], i);
       const float xhat = (load_elem(g.h[r], i) - g.mean[r]) * g.rstd[r];
       float dh = g.rstd[r] * (dy * w[i] - xhat * g.c1[r] - g.c2[r]);
-      if constexpr (kExtra) {
-        if (g.dh_out[r]) dh += load_elem(g.dh_out[r], i);
-        if (g.mult[r]) store_elem(g.dx[r], i, dh * g.mult[r][i]);
-      }
+      if constexpr (kDhOut) dh += load_elem(g.dh_out[r], i);
+      if constexpr (kDropout) store_elem(g.dx[r], i, dh * g.mult[r][i]);
       store_elem(g.dh[r], i, dh);
       dw += dy * xhat;
       db += dy;
@@ -201,21 +199,30 @@ FF_INLINE void group_backward_t(const RowGroup<T>& g, const float* w, float* dw_
   }
 }
 
-FF_CPU_CLONES void group_backward(const RowGroup<float>& g, const float* w, float* dw_acc, float* db_acc,
-                                  int64_t n, bool extra) {
-  if (extra) {
-    group_backward_t<true>(g, w, dw_acc, db_acc, n);
+// The variants as separate loops: a runtime test inside the vector loop kept GCC from
+// vectorizing it (4x slower with dropout in bfloat16).
+template <typename T>
+FF_INLINE void group_backward_any(const RowGroup<T>& g, const float* w, float* dw_acc, float* db_acc,
+                                  int64_t n) {
+  const bool dh_out = g.dh_out[0] != nullptr, dropout = g.mult[0] != nullptr;
+  if (dh_out && dropout) {
+    group_backward_t<true, true>(g, w, dw_acc, db_acc, n);
+  } else if (dh_out) {
+    group_backward_t<true, false>(g, w, dw_acc, db_acc, n);
+  } else if (dropout) {
+    group_backward_t<false, true>(g, w, dw_acc, db_acc, n);
   } else {
-    group_backward_t<false>(g, w, dw_acc, db_acc, n);
+    group_backward_t<false, false>(g, w, dw_acc, db_acc, n);
   }
 }
+
+FF_CPU_CLONES void group_backward(const RowGroup<float>& g, const float* w, float* dw_acc, float* db_acc,
+                                  int64_t n) {
+  group_backward_any(g, w, dw_acc, db_acc, n);
+}
 FF_CPU_CLONES void group_backward(const RowGroup<c10::BFloat16>& g, const float* w, float* dw_acc,
-                                  float* db_acc, int64_t n, bool extra) {
-  if (extra) {
-    group_backward_t<true>(g, w, dw_acc, db_acc, n);
-  } else {
-    group_backward_t<false>(g, w, dw_acc, db_acc, n);
-  }
+                                  float* db_acc, int64_t n) {
+  group_backward_any(g, w, dw_acc, db_acc, n);
 }
 
 FF_CPU_CLONES void row_scale(const float* a, const float* m, float* out, int64_t n) {
@@ -335,7 +342,6 @@ void backward(const BwdParams& p) {
   // float32 and bfloat16 rows are read and written in place; float16 ones are staged as float32.
   constexpr bool direct = cpu::kDirectElem<T>;
   using E = std::conditional_t<direct, T, float>;
-  const bool extra = p.dh_out != nullptr || p.dropout.enabled;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     // Per group row: staged h, dy, dh_out, dh, dx (float16 only) and dropout multipliers; and the
@@ -391,7 +397,7 @@ void backward(const BwdParams& p) {
           g.c1[r] = s_gx / static_cast<float>(N);
           g.c2[r] = p.rms ? 0.f : s_g / static_cast<float>(N);
         }
-        group_backward(g, w.data(), dw_acc, db_acc, N, extra);
+        group_backward(g, w.data(), dw_acc, db_acc, N);
         if constexpr (!direct) {
           for (int r = 0; r < kGroup && m0 + r < row_end; ++r) {
             cpu::store_row(slot(kDh, r), static_cast<T*>(p.dh) + (m0 + r) * N, N);
