@@ -51,17 +51,18 @@ def test_plain(backend, dtype, N, rms):
 def test_rows_far_from_zero_or_with_outliers(backend, dtype):
     """Statistics where cancellation bites: rows offset far from zero (mean >> std: a one-pass
     variance about zero loses ~eps * mean^2 / var, here ~2e-3, far beyond the bound), rows whose
-    first elements sit far from the rest (the CPU forward centres its one-pass moments on them and
-    falls back to a second pass), and rows with one huge activation. Offsets are kept where rounding
+    first elements sit far from the rest, and rows with one huge activation, also in the first
+    channel (the CPU forward centres its one-pass moments on x[0] and falls back to a second pass). Offsets are kept where rounding
     the input itself to float32 stays inside the tight float32 bound."""
     device = skip_unless_available(op_module, backend)
     g = torch.Generator().manual_seed(21)
     N = 1000
-    x = torch.randn(12, N, generator=g, dtype=torch.float64)
+    x = torch.randn(14, N, generator=g, dtype=torch.float64)
     x[0:4] += 200.0                       # mean >> std
     x[4:8, :80] += 40.0                   # the head of the row far from the rest
     x[8:10, 517] = 5000.0                 # one massive activation
     x[10:12, 3] = -5000.0                 # ... inside the head
+    x[12:14, 0] = 4000.0                  # ... in the first channel (the CPU forward's provisional centre)
     inputs = {"x": x, "weight": torch.randn(N, generator=g, dtype=torch.float64),
               "bias": torch.randn(N, generator=g, dtype=torch.float64)}
     check_against_reference("layer_norm", _call(False, 0.0, None, False, N), inputs, backend, dtype, device,
