@@ -52,8 +52,9 @@ def test_rows_far_from_zero_or_with_outliers(backend, dtype):
     """Statistics where cancellation bites: rows offset far from zero (mean >> std: a one-pass
     variance about zero loses ~eps * mean^2 / var, here ~2e-3, far beyond the bound), rows whose
     first elements sit far from the rest, and rows with one huge activation, also in the first
-    channel (the CPU forward centres its one-pass moments on x[0] and falls back to a second pass). Offsets are kept where rounding
-    the input itself to float32 stays inside the tight float32 bound."""
+    channel (the CPU forward centres its one-pass moments on x[0] and falls back to a second
+    pass). Offsets are kept where rounding the input itself to float32 stays inside the tight
+    float32 bound."""
     device = skip_unless_available(op_module, backend)
     g = torch.Generator().manual_seed(21)
     N = 1000

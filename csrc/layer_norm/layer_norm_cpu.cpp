@@ -162,7 +162,8 @@ FF_CPU_CLONES void row_grad_sums(const c10::BFloat16* h, const c10::BFloat16* dy
 // Taking rows together reads and writes the dw / db accumulators once per group instead of once
 // per row: at width 4096 the rows and the accumulators no longer fit in L1 together, and the
 // per-row version spent ~15 % more time than torch's backward there. A group with fewer rows is
-// padded with a zero row (zero dy adds nothing), so there is one kernel per dtype.
+// padded with zero rows (zero dy adds nothing; their dh / dx go to a scratch row), so the loop
+// always takes kGroup rows.
 constexpr int kGroup = 4;
 
 template <typename T>

@@ -115,7 +115,7 @@ def _backward(ctx, dout, _dlse):
     if dout is None:  # only the log-sum-exp was used; it carries no gradient here
         return (None,) * 11
     dq, dk, dv = OPS.backward(ctx, dout.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
-                               ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.offset, ctx.backend)
+                              ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.offset, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -100,8 +100,8 @@ def _backward(ctx, dout, _dlse):
     if dout is None:  # only the log-sum-exp was used; it carries no gradient here
         return (None,) * 13
     dq, dk, dv = OPS.backward(ctx, dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                      ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.dropout_p, ctx.is_causal, ctx.scale,
-                                      seed, ctx.offset, ctx.backend)
+                              ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.dropout_p, ctx.is_causal, ctx.scale,
+                              seed, ctx.offset, ctx.backend)
     return (dq, dk, dv) + (None,) * 10
 
 

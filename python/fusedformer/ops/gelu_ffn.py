@@ -100,8 +100,8 @@ def _backward(ctx, dy, _dpre):
     x, w1, w2, pre, seed = ctx.saved_tensors
     if dy is None:
         return (None,) * 10
-    dx, dw1, db1, dw2, db2 = OPS.backward(ctx, dy.contiguous(), x, w1, w2, pre, ctx.approximate, ctx.dropout_p,
-                                          seed, ctx.offset, ctx.has_b1, ctx.has_b2, ctx.backend)
+    dx, dw1, db1, dw2, db2 = OPS.backward(ctx, dy.contiguous(), x, w1, w2, pre, ctx.approximate,
+                                          ctx.dropout_p, seed, ctx.offset, ctx.has_b1, ctx.has_b2, ctx.backend)
     return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
             None, None, None, None, None)
 

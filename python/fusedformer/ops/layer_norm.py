@@ -105,9 +105,9 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd, seed = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(h)
-    dsum, dx, dweight, dbias = OPS.backward(ctx, 
-        dy.contiguous(), dh.contiguous() if (ctx.has_h and dh is not None) else None, h, weight, mean, rstd,
-        ctx.dropout_p, seed, ctx.offset, ctx.rms, ctx.has_bias, ctx.backend)
+    dsum, dx, dweight, dbias = OPS.backward(
+        ctx, dy.contiguous(), dh.contiguous() if (ctx.has_h and dh is not None) else None, h, weight, mean,
+        rstd, ctx.dropout_p, seed, ctx.offset, ctx.rms, ctx.has_bias, ctx.backend)
     return (dx if ctx.dropout_p > 0.0 else dsum,
             dsum if ctx.has_residual else None,
             dweight if weight is not None else None,
