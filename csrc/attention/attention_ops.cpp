@@ -72,12 +72,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_impl(const char* op, const Tens
   Tensor dq = at::empty_like(q);
   Tensor dk = at::empty_like(k);
   Tensor dv = at::empty_like(v);
-  p.dout = strided(dout);
-  p.out = strided(out);
-  p.lse = lse.data_ptr<float>();
-  p.dq = strided(dq);
-  p.dk = strided(dk);
-  p.dv = strided(dv);
+  set_bwd_operands(p, dout, out, lse, dq, dk, dv);
   p.deterministic = at::globalContext().deterministicAlgorithms();
 #ifdef FF_WITH_CUDA
   if (q.is_cuda()) {

@@ -81,6 +81,16 @@ Problem make_problem(const char* op, const Tensor& q, const Tensor& k, const Ten
   return pb;
 }
 
+void set_bwd_operands(BwdParams& p, const Tensor& dout, const Tensor& out, const Tensor& lse, const Tensor& dq,
+                      const Tensor& dk, const Tensor& dv) {
+  p.dout = strided(dout);
+  p.out = strided(out);
+  p.lse = lse.data_ptr<float>();
+  p.dq = strided(dq);
+  p.dk = strided(dk);
+  p.dv = strided(dv);
+}
+
 void check_cuda_problem(const char* op, const Problem& pb) {
   TORCH_CHECK_TYPE(pb.dtype == c10::kHalf || pb.dtype == c10::kBFloat16, op,
                    "the cuda kernels take float16 or bfloat16 q, k, v; got ", pb.dtype,

@@ -24,6 +24,11 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, c
                      const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
                      double dropout_p, bool is_causal, double scale, int64_t seed, int64_t offset);
 
+// Points the backward's parameters at dout, out, lse and the gradient outputs dq, dk, dv (the
+// caller checks them).
+void set_bwd_operands(BwdParams& p, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                      const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
 // The CUDA kernels' limits (attention_cuda.cuh): 16-bit dtypes, head dims that are multiples of 8
 // up to 256 (one 16-byte copy = 8 elements), grids within CUDA's y limit.
 void check_cuda_problem(const char* op, const Problem& pb);

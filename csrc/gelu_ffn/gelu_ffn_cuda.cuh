@@ -82,6 +82,15 @@ template <typename T>
 struct alignas(2 * sizeof(T)) Pair {
   T v[2];
 };
+// v0, v1 += bias[col], bias[col + 1] (no bias: nullptr).
+template <typename T>
+__device__ __forceinline__ void add_bias_pair(const T* bias, int col, float& v0, float& v1) {
+  if (bias) {
+    v0 += to_f32(bias[col]);
+    v1 += to_f32(bias[col + 1]);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void store_pair(T* p, T a, T b) {
   Pair<T> pk;
@@ -179,10 +188,7 @@ struct BiasGeluEpilogue {
   int64_t ld;
   bool tanh_approx;
   __device__ __forceinline__ void operator()(int64_t row, int col, float v0, float v1, float (&)[2]) const {
-    if (bias) {
-      v0 += to_f32(bias[col]);
-      v1 += to_f32(bias[col + 1]);
-    }
+    add_bias_pair(bias, col, v0, v1);
     const T p0 = from_f32<T>(v0), p1 = from_f32<T>(v1);
     store_pair(pre + row * ld + col, p0, p1);
     store_pair(g + row * ld + col, from_f32<T>(gelu(to_f32(p0), tanh_approx)),
@@ -199,10 +205,7 @@ struct BiasDropoutEpilogue {
   int64_t ld;
   DropoutParams dropout;
   __device__ __forceinline__ void operator()(int64_t row, int col, float v0, float v1, float (&)[2]) const {
-    if (bias) {
-      v0 += to_f32(bias[col]);
-      v1 += to_f32(bias[col + 1]);
-    }
+    add_bias_pair(bias, col, v0, v1);
     if (dropout.enabled) {
       float z0, z1;
       dropout_pair(dropout, static_cast<uint64_t>(row * ld + col), z0, z1);

@@ -44,12 +44,7 @@ void bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, 
          int64_t seed, int64_t offset, bool deterministic, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
   BwdParams p;
   p.pb = cuda_problem(q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
-  p.dout = strided(dout);
-  p.out = strided(out);
-  p.lse = lse.data_ptr<float>();
-  p.dq = strided(dq);
-  p.dk = strided(dk);
-  p.dv = strided(dv);
+  set_bwd_operands(p, dout, out, lse, dq, dk, dv);
   p.deterministic = deterministic;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   // NaN-filled scratch: the kernels must initialise what they read.
