@@ -77,6 +77,9 @@ def _rules() -> dict[type, Rule]:
     if "transformers.models.gpt2.modeling_gpt2" in sys.modules:
         from . import hf_gpt2
         rules += hf_gpt2.rules()
+    if "transformers.models.bart.modeling_bart" in sys.modules:
+        from . import hf_bart
+        rules += hf_bart.rules()
     return {r.source: r for r in rules}
 
 
