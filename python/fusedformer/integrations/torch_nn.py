@@ -42,6 +42,8 @@ def rules() -> list:
         Rule(nn.MultiheadAttention, ffnn.MultiheadAttention),
         Rule(nn.TransformerEncoderLayer, ffnn.TransformerEncoderLayer, _encoder_layer_unsupported,
              _encoder_layer_notes),
+        Rule(nn.TransformerDecoderLayer, ffnn.TransformerDecoderLayer, ffnn.decoder.conversion_unsupported,
+             ffnn.decoder.conversion_notes),
     ]
 
 

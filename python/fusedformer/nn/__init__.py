@@ -8,6 +8,7 @@ module                             replaces                                     
 :class:`MultiheadAttention`        ``torch.nn.MultiheadAttention``              ``attention``
 :class:`GeluFFN`                   ``Linear -> GELU -> Linear -> Dropout``      ``gelu_ffn``
 :class:`TransformerEncoderLayer`   ``torch.nn.TransformerEncoderLayer``         all three
+:class:`TransformerDecoderLayer`   ``torch.nn.TransformerDecoderLayer``         all three
 =================================  ===========================================  =======================
 
 Each subclasses the torch module it replaces (same constructor arguments, parameter names and
@@ -16,8 +17,10 @@ Each subclasses the torch module it replaces (same constructor arguments, parame
 ``fusedformer.convert(model)`` turns the torch modules of an existing model into these, in place.
 """
 from .attention import MultiheadAttention
+from .decoder import TransformerDecoderLayer
 from .feedforward import GeluFFN
 from .normalization import LayerNorm, RMSNorm
 from .transformer import TransformerEncoderLayer
 
-__all__ = ["GeluFFN", "LayerNorm", "MultiheadAttention", "RMSNorm", "TransformerEncoderLayer"]
+__all__ = ["GeluFFN", "LayerNorm", "MultiheadAttention", "RMSNorm", "TransformerDecoderLayer",
+           "TransformerEncoderLayer"]
