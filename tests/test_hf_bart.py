@@ -143,8 +143,9 @@ def assert_all_fused(counts: Counter, expected: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # eval mode: the converted model against the original (2x rule), everything fused
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl,decoder_padding", [("eager", "right"), ("sdpa", "right"), ("eager", "left")],
-                         ids=["eager", "sdpa", "eager-leftpad-decoder"])
+@pytest.mark.parametrize("impl,decoder_padding", [("eager", "right"), ("sdpa", "right"), ("sdpa", "none"),
+                                                   ("eager", "left")],
+                         ids=["eager", "sdpa", "sdpa-nopad-decoder", "eager-leftpad-decoder"])
 def test_bart_matches_original(backend, impl, decoder_padding):
     device = model_backend(backend)
     model = tiny_bart(attn_implementation=impl)

@@ -10,12 +10,15 @@ One converted layer (post-LN)::
 
 The submodules, parameters and ``state_dict`` keys are BERT's own: only the layer's class changes.
 
-Left untouched (reported): cross-attention / decoder layers (causal self-attention with a key/value
-cache), layers whose parts were replaced by other classes, relative position embeddings, attention
-implementations other than "eager" / "sdpa". At call time the original forward runs (with a
-``RuntimeWarning``) when attention probabilities are requested (``output_attentions``), when the
-attention implementation was switched after conversion, or for keyword arguments that change the
-attention (say, packed-sequence metadata).
+Decoder layers (``is_decoder``: causal self-attention with a key/value cache; ``add_cross_attention``:
+cross-attention over the encoder's states) take the fused path of ``hf_bert_decoder``.
+
+Left untouched (reported): layers whose parts were replaced by other classes, relative position
+embeddings, attention implementations other than "eager" / "sdpa". At call time the original forward
+runs (with a ``RuntimeWarning``) when attention probabilities are requested (``output_attentions``),
+when the attention implementation was switched after conversion, for cross-attention inputs or a
+cache given to an encoder layer, or for keyword arguments that change the attention (say,
+packed-sequence metadata).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from transformers.models.bert import modeling_bert as mb
 from .. import nn as ffnn
 from ..nn._base import FusedModule, dropout_p, linear_gelu_linear, residual_layer_norm
 from ..ops.attention import attention
+from . import hf_bert_decoder
 from . import hf_common as hf
 from .convert import Rule
 
@@ -39,15 +43,18 @@ class FusedBertLayer(FusedModule, mb.BertLayer):
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
                 past_key_values=None, **kwargs) -> Tensor:
+        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)  # 5.x's name
         sa = self.attention.self
         why = hf.runtime_fallback_reason(sa.config, kwargs)
-        if why is None and (encoder_hidden_states is not None or past_key_values is not None):
+        if why is None and not self.is_decoder and (encoder_hidden_states is not None or cache is not None):
             why = "cross-attention inputs or a key/value cache were passed to an encoder layer"
         if why is not None:
             hf.warn_fallback(self, why)
             return super().forward(hidden_states, attention_mask, encoder_hidden_states,
-                                   encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
-                                   **kwargs)
+                                   encoder_attention_mask=encoder_attention_mask, cache=cache, **kwargs)
+        if self.is_decoder:  # causal self-attention with a cache, cross-attention (hf_bert_decoder)
+            return hf_bert_decoder.decoder_forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                                   encoder_attention_mask, cache, kwargs, self.backend)
         x = hidden_states
         B, S, _ = x.shape
         H, D = sa.num_attention_heads, sa.attention_head_size
@@ -81,11 +88,10 @@ def _unsupported(layer: mb.BertLayer) -> Optional[str]:
     why = hf.transformers_version_reason()
     if why:
         return why
-    if getattr(layer, "add_cross_attention", False) or hasattr(layer, "crossattention"):
-        return "cross-attention (encoder-decoder) layer"
+    why = hf_bert_decoder.decoder_parts_reason(layer)   # the cross-attention's parts, if any
+    if why:
+        return why
     sa = layer.attention.self if isinstance(layer.attention, mb.BertAttention) else None
-    if layer.is_decoder or (sa is not None and getattr(sa, "is_causal", False)):
-        return "decoder layer (causal self-attention with a key/value cache)"
     parts = {"attention": (layer.attention, mb.BertAttention), "attention.self": (sa, mb.BertSelfAttention),
              "attention.output": (getattr(layer.attention, "output", None), mb.BertSelfOutput),
              "intermediate": (layer.intermediate, mb.BertIntermediate), "output": (layer.output, mb.BertOutput)}
