@@ -6,6 +6,9 @@ starting from the same randomly initialized Hugging Face model (no weights are d
   hf-eager     Hugging Face with ``attn_implementation="eager"``
   hf-sdpa      Hugging Face with ``attn_implementation="sdpa"`` (its default; the baseline)
   compile      ``torch.compile`` of the hf-sdpa model
+  hf-fusedformer  Hugging Face with ``attn_implementation="fusedformer"`` (``fusedformer.integrations.
+               register_hf()``): its own layers, with only the attention on ``fusedformer.attention``
+               (backend chosen by dispatch) — what any model family gets without ``convert``
   reference,   the hf-sdpa model after ``fusedformer.convert(model, backend)``: BertLayer / GPT2Block
   cpu, cuda,   run fusedformer's attention, layer_norm and gelu_ffn on that backend
   triton
@@ -95,7 +98,8 @@ class _Model:
 
     def __init__(self, provider: str, cfg: dict, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
-        attn = "eager" if provider == "hf-eager" else "sdpa"
+        attn = {"hf-eager": "eager", "hf-fusedformer": _register_hf}.get(provider, "sdpa")
+        attn = attn() if callable(attn) else attn
         model = _build(cfg, attn).to(device)
         self.note = ""
         if provider in common.FUSEDFORMER_BACKENDS:
@@ -128,7 +132,19 @@ class _Model:
         self.opt.zero_grad(set_to_none=True)
 
 
-PROVIDERS = ("hf-eager", "hf-sdpa", "compile") + common.FUSEDFORMER_BACKENDS
+def _register_hf() -> str:
+    """``attn_implementation="fusedformer"`` registered with transformers; its name."""
+    try:
+        from fusedformer.integrations import register_hf
+    except ImportError as exc:
+        raise common.Unavailable(f"fusedformer.integrations.register_hf is not available ({exc})") from exc
+    try:
+        return register_hf()
+    except ImportError as exc:
+        raise common.Unavailable(str(exc)) from exc
+
+
+PROVIDERS = ("hf-eager", "hf-sdpa", "hf-fusedformer", "compile") + common.FUSEDFORMER_BACKENDS
 
 
 def _static_reason(provider: str, device: torch.device) -> Optional[str]:

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 OPS = ("attention", "layer_norm", "gelu_ffn", "train")
 KNOWN_PROVIDERS = ("reference", "cpu", "cuda", "triton", "torch", "sdpa", "sdpa-math", "sdpa-flash",
-                   "sdpa-efficient", "sdpa-cudnn", "compile", "flash-attn", "liger", "hf", "hf-eager", "hf-sdpa")
+                   "sdpa-efficient", "sdpa-cudnn", "compile", "flash-attn", "liger", "hf", "hf-eager", "hf-sdpa",
+                   "hf-fusedformer")
 DEFAULT_BASELINE = {"attention": "torch", "layer_norm": "torch", "gelu_ffn": "torch", "train": "hf-sdpa"}
 
 

@@ -319,6 +319,42 @@ def test_bert_runtime_options_fall_back_to_the_original_forward(backend):
         torch.testing.assert_close(got.cpu()[tokens], want.last_hidden_state[tokens], rtol=1e-4, atol=1e-4)
 
 
+def test_fallbacks_are_decided_by_the_math_and_announced_once_per_reason_per_model():
+    """Keywords the original attention ignores pass through (the fused path runs); what it cannot
+    compute sends the call to the original forward, with one warning per reason per model."""
+    model_backend("reference")
+    torch.manual_seed(0)
+    model = BertModel(tiny_bert_config(attn_implementation="eager")).eval()
+    conv, _ = converted(model, "reference")
+    batch = bert_batch()
+    fused_calls = []
+    real = attention_op.attention
+    from fusedformer.integrations import hf_bert
+    hf_bert.attention = lambda *a, **k: fused_calls.append(1) or real(*a, **k)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            passed = conv(**batch, num_items_in_batch=torch.tensor(7), a_keyword_of_a_later_release=torch.ones(1))
+            assert len(fused_calls) == 2 and not record      # the fused path, silently
+            for _ in range(3):
+                conv(**batch, output_attentions=True)
+            for _ in range(2):
+                conv(**batch, softcap=30.0)                  # read by attention functions that soft-cap
+            second = copy.deepcopy(conv)
+            second(**batch, output_attentions=True)           # another model: told again
+    finally:
+        hf_bert.attention = real
+    assert len(fused_calls) == 2
+    msgs = [str(w.message) for w in record if "fusedformer" in str(w.message)]
+    assert len(msgs) == 3, msgs
+    assert "output_attentions" in msgs[0] and "softcap=" in msgs[1] and "output_attentions" in msgs[2]
+    assert all("once per reason" in m for m in msgs)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+    tokens = batch["attention_mask"].bool()
+    torch.testing.assert_close(passed.last_hidden_state[tokens], want[tokens], rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPT-2 (seeded random)
 # ------------------------------------------------------------------------------------------------

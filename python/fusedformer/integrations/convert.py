@@ -83,7 +83,8 @@ def _rules() -> dict[type, Rule]:
     return {r.source: r for r in rules}
 
 
-def convert(model: nn.Module, backend: Optional[str] = None) -> ConversionReport:
+def convert(model: nn.Module, backend: Optional[str] = None, *,
+            attn_implementation: Optional[str] = None) -> ConversionReport:
     """Swap, in place and keeping the weights, every supported layer of ``model`` for its fused
     version; return a :class:`ConversionReport`.
 
@@ -94,12 +95,22 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> ConversionReport
     ``backend`` is remembered by the converted modules (None: chosen at each call by
     ``use_backend`` / ``FUSEDFORMER_BACKEND`` / automatically). Converting an already converted
     model sets the new backend. Undo with :func:`revert`.
+
+    ``attn_implementation="fusedformer"`` (Hugging Face models only) also sets the model's attention
+    implementation to fusedformer's (registered by ``fusedformer.integrations.register_hf``): every
+    attention layer the model routes through transformers' attention interface (Llama, Mistral,
+    Qwen2, ... any family) then runs ``fusedformer.attention``. Models already on that
+    implementation get ``backend`` for their attention either way. :func:`revert` restores the
+    implementation the model had.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     backend = check_backend(backend)
-    rules = _rules()
     report = ConversionReport(backend=backend)
+    if attn_implementation is not None or "transformers" in sys.modules:
+        from . import hf_attention
+        hf_attention.apply(model, attn_implementation, backend, report)
+    rules = _rules()
 
     def visit(module: nn.Module, name: str) -> None:
         if isinstance(module, FusedModule):
@@ -144,4 +155,7 @@ def revert(model: nn.Module) -> nn.Module:
             module._ff_release()
     from . import torch_nn
     torch_nn.after_revert(model)
+    if "transformers" in sys.modules:
+        from . import hf_attention
+        hf_attention.restore(model)
     return model

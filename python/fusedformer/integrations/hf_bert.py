@@ -14,11 +14,17 @@ Decoder layers (``is_decoder``: causal self-attention with a key/value cache; ``
 cross-attention over the encoder's states) take the fused path of ``hf_bert_decoder``.
 
 Left untouched (reported): layers whose parts were replaced by other classes, relative position
-embeddings, attention implementations other than "eager" / "sdpa". At call time the original forward
-runs (with a ``RuntimeWarning``) when attention probabilities are requested (``output_attentions``),
-when the attention implementation was switched after conversion, for cross-attention inputs or a
-cache given to an encoder layer, or for keyword arguments that change the attention (say,
-packed-sequence metadata).
+embeddings, attention implementations other than "eager" / "sdpa" / "fusedformer". At call time the
+original forward runs (with a ``RuntimeWarning``, once per reason per model) only for what the fused
+path cannot compute as the original would: attention probabilities (``output_attentions``), an
+attention implementation switched after conversion, cross-attention inputs or a cache given to an
+encoder layer, or an argument in ``hf_common.UNHONOURED_ATTENTION_KWARGS``. Other keyword arguments
+(``Trainer``'s ``num_items_in_batch``, ``position_ids``, ...) do not change the original's attention
+and pass through.
+
+The class can also be built by transformers itself (``register_patch_mapping({"^BertLayer$":
+FusedBertLayer})``, see ``docs/modules.md``): it then has no backend of its own (chosen per call) and
+checks its parts on its first call.
 """
 from __future__ import annotations
 
@@ -39,19 +45,27 @@ class FusedBertLayer(FusedModule, mb.BertLayer):
     """``transformers`` ``BertLayer`` on the fused kernels (see the module docstring)."""
 
     _ff_torch_class = mb.BertLayer
+    _ff_attributes = ("backend", "_ff_static_reason")
+    backend = None          # a layer transformers built from this class chooses its backend per call
+
+    @classmethod
+    def _ff_adopt(cls, module, backend):
+        module = super()._ff_adopt(module, backend)
+        module._ff_static_reason = None      # convert() checked the parts
+        return module
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
-                past_key_values=None, **kwargs) -> Tensor:
-        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)  # 5.x's name
+                cache=None, **kwargs) -> Tensor:
+        cache = hf.pop_cache(cache, kwargs)
         sa = self.attention.self
-        why = hf.runtime_fallback_reason(sa.config, kwargs)
+        why = hf.static_reason(self, _unsupported_parts) or hf.runtime_fallback_reason(sa.config, kwargs)
         if why is None and not self.is_decoder and (encoder_hidden_states is not None or cache is not None):
             why = "cross-attention inputs or a key/value cache were passed to an encoder layer"
         if why is not None:
-            hf.warn_fallback(self, why)
-            return super().forward(hidden_states, attention_mask, encoder_hidden_states,
-                                   encoder_attention_mask=encoder_attention_mask, cache=cache, **kwargs)
+            hf.warn_fallback(self, why, sa.config)
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   cache, **kwargs)
         if self.is_decoder:  # causal self-attention with a cache, cross-attention (hf_bert_decoder)
             return hf_bert_decoder.decoder_forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                                    encoder_attention_mask, cache, kwargs, self.backend)
@@ -85,9 +99,12 @@ _LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
 
 
 def _unsupported(layer: mb.BertLayer) -> Optional[str]:
-    why = hf.transformers_version_reason()
-    if why:
-        return why
+    return hf.transformers_version_reason() or _unsupported_parts(layer) or \
+        hf.attn_implementation_reason(hf.layer_config(layer))
+
+
+def _unsupported_parts(layer: mb.BertLayer) -> Optional[str]:
+    """What about the layer itself (not the call) keeps it off the fused path, or None."""
     why = hf_bert_decoder.decoder_parts_reason(layer)   # the cross-attention's parts, if any
     if why:
         return why
@@ -109,7 +126,7 @@ def _unsupported(layer: mb.BertLayer) -> Optional[str]:
                        ("output.LayerNorm", layer.output.LayerNorm)):
         if type(norm) not in _LAYER_NORMS:
             return f"{name} is a {type(norm).__qualname__}, not nn.LayerNorm"
-    return hf.attn_implementation_reason(sa.config)
+    return None
 
 
 def _notes(layer: mb.BertLayer) -> list:

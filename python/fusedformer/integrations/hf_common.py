@@ -3,10 +3,21 @@ checks that send a call back to the original forward.
 
 Written against the ``transformers`` 5 layer API (layers receive the 4-D mask the model built for
 its attention implementation, and return a tensor). Imported only when ``transformers`` is.
+
+When a converted layer runs the original forward: only when the call asks for something the fused
+path cannot compute exactly as the original would. The original layer hands its keyword arguments
+to its attention function; for "eager" and "sdpa" the math of that function depends on the 4-D
+mask, ``is_causal`` (both honoured), and the few arguments in :data:`UNHONOURED_ATTENTION_KWARGS`.
+Every other keyword (``num_items_in_batch`` from ``Trainer``, ``position_ids``, ``cache_position``,
+``cu_seq_lens_*`` — which only the flash-attention implementations read — and whatever a new
+release adds) is ignored by the original's attention, so the fused path ignores it too and the
+result is the same. A fallback is announced once per reason per model (see :func:`warn_fallback`).
 """
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -15,14 +26,24 @@ from torch import Tensor
 from ..nn._base import gelu_approximation
 
 # Attention implementations whose masks the fused layers understand: a 4-D bool mask (True = may
-# attend, "sdpa") or a 4-D additive float mask ("eager"), or None.
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# attend: "sdpa", and "fusedformer", which registers transformers' SDPA mask builder) or a 4-D
+# additive float mask ("eager"), or None.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "fusedformer")
 
-# Keyword arguments a layer may receive that do not change what its attention computes.
-HARMLESS_KWARGS = frozenset({"position_ids", "output_attentions", "output_hidden_states", "return_dict",
-                             "use_cache", "cache_position", "is_causal"})
+# Keyword arguments an attention function of transformers reads that change its result, and that
+# the fused attention does not compute (a call with any of them not None runs the original forward,
+# or, through attn_implementation="fusedformer", is refused with this explanation).
+UNHONOURED_ATTENTION_KWARGS = {
+    "position_bias": "an additive position bias in the attention scores (relative attention)",
+    "softcap": "soft-capping of the attention scores",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "head_mask": "a head mask",
+    "layer_head_mask": "a head mask",
+}
 
 
+@functools.lru_cache(maxsize=None)
 def transformers_version_reason() -> Optional[str]:
     import transformers
     major = int(transformers.__version__.split(".")[0])
@@ -57,22 +78,88 @@ def attentions_requested(kwargs: dict) -> bool:
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
 
 
+def unhonoured_kwargs_reason(kwargs: dict) -> Optional[str]:
+    """The keyword arguments of this call that change the attention and that the fused attention
+    does not compute, as a reason, or None."""
+    asked = sorted(k for k in UNHONOURED_ATTENTION_KWARGS if kwargs.get(k) is not None)
+    if not asked:
+        return None
+    return "; ".join(f"{k}= ({UNHONOURED_ATTENTION_KWARGS[k]})" for k in asked) + " was passed"
+
+
 def runtime_fallback_reason(config, kwargs: dict) -> Optional[str]:
-    """Why this call cannot take the fused path (then the original forward runs), or None."""
+    """Why this call cannot take the fused path (then the original forward runs), or None: the
+    attention implementation, attention probabilities requested, or an argument that changes the
+    attention in a way the fused kernel does not compute. Other keyword arguments pass through."""
     why = attn_implementation_reason(config)
     if why:
         return why
     if attentions_requested(kwargs):
         return "output_attentions was requested (the fused kernel never forms the probabilities)"
-    unknown = sorted(k for k, v in kwargs.items() if k not in HARMLESS_KWARGS and v is not None)
-    if unknown:
-        return f"unsupported keyword arguments {unknown}"
+    return unhonoured_kwargs_reason(kwargs)
+
+
+class _OncePerOwner:
+    """Remembers, per live object (a model's config, shared by its layers), which messages were
+    already given, without keeping the object alive or touching its attributes (a config's
+    attributes are what ``save_pretrained`` writes)."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[weakref.ref, set]] = {}
+
+    def first(self, owner, key) -> bool:
+        """True the first time ``key`` is seen for ``owner``."""
+        if owner is None:
+            return True
+        k = id(owner)
+        entry = self._seen.get(k)
+        if entry is None or entry[0]() is not owner:
+            def forget(ref, k=k):
+                if self._seen.get(k, (None,))[0] is ref:
+                    del self._seen[k]
+            entry = self._seen[k] = (weakref.ref(owner, forget), set())
+        if key in entry[1]:
+            return False
+        entry[1].add(key)
+        return True
+
+
+_FALLBACKS_WARNED = _OncePerOwner()
+
+
+def layer_config(layer):
+    """The transformers config a layer's parts hold (the model's config, shared by its layers)."""
+    for module in layer.modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            return config
     return None
 
 
-def warn_fallback(layer, why: str) -> None:
-    warnings.warn(f"fusedformer: {type(layer).__name__}: {why}; running the original (unfused) forward",
-                  RuntimeWarning, stacklevel=3)
+def warn_fallback(layer, why: str, config=None) -> None:
+    """Announce that ``layer`` runs its original forward, once per reason per model (the model is
+    known by ``config``, default: the config the layer's parts hold)."""
+    config = layer_config(layer) if config is None else config
+    if _FALLBACKS_WARNED.first(config, (type(layer).__name__, why)):
+        warnings.warn(f"fusedformer: {type(layer).__name__}: {why}; running the original (unfused) forward "
+                      "(said once per reason for this model)", RuntimeWarning, stacklevel=3)
+
+
+def static_reason(layer, unsupported) -> Optional[str]:
+    """Why ``layer`` cannot run fused whatever the call (its parts, its kind), decided once per layer:
+    None for a layer ``convert`` adopted (it checked), ``unsupported(layer)`` for one transformers
+    built from the fused class itself (``transformers.monkey_patching.register_patch_mapping``)."""
+    d = layer.__dict__
+    if "_ff_static_reason" not in d:
+        d["_ff_static_reason"] = unsupported(layer)
+    return d["_ff_static_reason"]
+
+
+def pop_cache(cache, kwargs: dict):
+    """The key/value cache a layer was given, under transformers' current name (``cache``) or the
+    one before it (``past_key_values``, deprecated in 5.x)."""
+    old = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else old
 
 
 def attention_masks(mask, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -98,9 +185,10 @@ def attention_masks(mask, dtype: torch.dtype) -> tuple[Optional[Tensor], Optiona
 
 def is_causal(config, module_is_causal: bool, kwargs: dict, q_len: int, mask: Optional[Tensor]) -> bool:
     """Causality exactly as the model's attention implementation applies it: "eager" relies on the
-    mask alone; "sdpa" adds SDPA's ``is_causal`` when there is no mask and more than one query
-    (the rule of ``transformers.integrations.sdpa_attention``)."""
-    if config._attn_implementation != "sdpa":
+    mask alone; "sdpa" (and "fusedformer", which builds the same masks) adds SDPA's ``is_causal``
+    when there is no mask and more than one query (the rule of
+    ``transformers.integrations.sdpa_attention``)."""
+    if config._attn_implementation not in ("sdpa", "fusedformer"):
         return False
     flag = kwargs.get("is_causal")
     flag = module_is_causal if flag is None else flag

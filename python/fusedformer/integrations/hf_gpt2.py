@@ -13,12 +13,15 @@ One converted block (pre-LN, causal)::
 the two feed-forward weights are transposed (one copy each) per call. The submodules, parameters
 and ``state_dict`` keys are GPT-2's own: only the block's class changes.
 
-Causality follows the model's attention implementation exactly (the mask the model built; for
-"sdpa" without a mask, SDPA's ``is_causal`` rule). Left untouched (reported): blocks with
+Causality follows the model's attention implementation exactly (the model's mask; for "sdpa" and
+"fusedformer" without a mask, SDPA's ``is_causal`` rule). Left untouched (reported): blocks with
 cross-attention, parts replaced by other classes, attention implementations other than "eager" /
-"sdpa". At call time the original forward runs (with a ``RuntimeWarning``) for
-``output_attentions``, an implementation switched after conversion, cross-attention inputs, or
-keyword arguments that change the attention.
+"sdpa" / "fusedformer". At call time the original forward runs (with a ``RuntimeWarning``, once per
+reason per model) only for ``output_attentions``, an implementation switched after conversion,
+cross-attention inputs, or an argument in ``hf_common.UNHONOURED_ATTENTION_KWARGS``; other keyword
+arguments pass through. The key/value cache (``generate()``, dynamic or static) is updated as the
+original does. Like ``FusedBertLayer``, the class can be built by transformers itself
+(``register_patch_mapping({"^GPT2Block$": FusedGPT2Block})``).
 """
 from __future__ import annotations
 
@@ -40,17 +43,26 @@ class FusedGPT2Block(FusedModule, mg.GPT2Block):
     """``transformers`` ``GPT2Block`` on the fused kernels (see the module docstring)."""
 
     _ff_torch_class = mg.GPT2Block
+    _ff_attributes = ("backend", "_ff_static_reason")
+    backend = None          # a block transformers built from this class chooses its backend per call
 
-    def forward(self, hidden_states: Tensor, past_key_values=None, attention_mask: Optional[Tensor] = None,
+    @classmethod
+    def _ff_adopt(cls, module, backend):
+        module = super()._ff_adopt(module, backend)
+        module._ff_static_reason = None      # convert() checked the parts
+        return module
+
+    def forward(self, hidden_states: Tensor, cache=None, attention_mask: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
                 use_cache: Optional[bool] = False, **kwargs) -> Tensor:
+        cache = hf.pop_cache(cache, kwargs)
         attn = self.attn
-        why = hf.runtime_fallback_reason(attn.config, kwargs)
+        why = hf.static_reason(self, _unsupported_parts) or hf.runtime_fallback_reason(attn.config, kwargs)
         if why is None and encoder_hidden_states is not None:
             why = "cross-attention inputs were passed"
         if why is not None:
-            hf.warn_fallback(self, why)
-            return super().forward(hidden_states, past_key_values, attention_mask, encoder_hidden_states,
+            hf.warn_fallback(self, why, attn.config)
+            return super().forward(hidden_states, cache, attention_mask, encoder_hidden_states,
                                    encoder_attention_mask=encoder_attention_mask, use_cache=use_cache, **kwargs)
         x = hidden_states
         B, S, C = x.shape
@@ -58,10 +70,9 @@ class FusedGPT2Block(FusedModule, mg.GPT2Block):
         h = residual_layer_norm(self.ln_1, x, backend=self.backend)
         q, k, v = attn.c_attn(h).split(attn.split_size, dim=2)
         q, k, v = (t.view(B, S, H, D).transpose(1, 2) for t in (q, k, v))   # (B, H, S, D) views
-        if past_key_values is not None:
-            cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) \
-                else past_key_values
-            k, v = cache.update(k, v, attn.layer_idx)
+        if cache is not None:
+            layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            k, v = layer_cache.update(k, v, attn.layer_idx)
         mask, key_padding_mask = hf.attention_masks(attention_mask, q.dtype)
         causal = hf.is_causal(attn.config, attn.is_causal, kwargs, S, mask)
         if causal and k.shape[2] > S:
@@ -87,9 +98,12 @@ _LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
 
 
 def _unsupported(block: mg.GPT2Block) -> Optional[str]:
-    why = hf.transformers_version_reason()
-    if why:
-        return why
+    return hf.transformers_version_reason() or _unsupported_parts(block) or \
+        hf.attn_implementation_reason(block.attn.config)
+
+
+def _unsupported_parts(block: mg.GPT2Block) -> Optional[str]:
+    """What about the block itself (not the call) keeps it off the fused path, or None."""
     if hasattr(block, "crossattention"):
         return "cross-attention layer (add_cross_attention)"
     if type(block.attn) is not mg.GPT2Attention or block.attn.is_cross_attention:
@@ -103,7 +117,7 @@ def _unsupported(block: mg.GPT2Block) -> Optional[str]:
     for name in ("ln_1", "ln_2"):
         if type(getattr(block, name)) not in _LAYER_NORMS:
             return f"{name} is a {type(getattr(block, name)).__qualname__}, not nn.LayerNorm"
-    return hf.attn_implementation_reason(block.attn.config)
+    return None
 
 
 def _notes(block: mg.GPT2Block) -> list:
