@@ -104,7 +104,8 @@ def _plan():
         ext = cpp_extension.CUDAExtension(
             "fusedformer._C", cpp_sources + cu_sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
-    else:
+    else:  # the *_cuda.cpp launchers need the CUDA runtime headers: CPU kernels only
+        cpp_sources = [p for p in cpp_sources if not p.endswith("_cuda.cpp")]
         ext = cpp_extension.CppExtension(
             "fusedformer._C", cpp_sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from fusedformer import tolerances
+from fusedformer import testing
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,42 +41,9 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FUSEDFORMER_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 
-# ------------------------------------------------------------------------------------------------
-# The project's 2x rule, with the project's one tolerance table (fusedformer/tolerances.py)
-#
-#   max|out - ref64| <= 2 * max|base - ref64| + ATOL[op][dtype]
-#
-# ref64: the reference in float64; base: the reference in the benchmark dtype. float32 must also meet
-# max|out - ref64| <= F32_ATOL + F32_RTOL[op] * max|ref64|. NaN never passes. The end-to-end
-# training loss ("train") is checked only here, so its entries live here.
-# ------------------------------------------------------------------------------------------------
-ATOL = {"train": {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}, **tolerances.ATOL}
-F32_ATOL = tolerances.F32_ATOL
-F32_RTOL = {**tolerances.F32_RTOL, "train": 1e-4}
-
-
-def rule_2x(name: str, op: str, out: torch.Tensor, ref64: torch.Tensor, base: torch.Tensor,
-            dtype: torch.dtype) -> tuple[Optional[str], float, float]:
-    """Apply the 2x rule to one tensor. Returns ``(failure or None, error, bound)``."""
-    if tuple(out.shape) != tuple(ref64.shape):
-        return f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}", math.inf, 0.0
-    out64 = out.detach().double().cpu()
-    ref = ref64.detach().double().cpu()
-    base64 = base.detach().double().cpu()
-    finite = torch.isfinite(ref)
-    if torch.isnan(out64).any():
-        return f"{name}: NaN in the output", math.inf, 0.0
-    if not torch.equal(torch.isfinite(out64), finite):
-        return f"{name}: non-finite values where the reference is finite (or vice versa)", math.inf, 0.0
-    if not finite.any():
-        return None, 0.0, 0.0
-    err = (out64 - ref)[finite].abs().max().item()
-    bound = 2.0 * (base64 - ref)[finite].abs().max().item() + ATOL[op][dtype]
-    if dtype == torch.float32:
-        bound = min(bound, F32_ATOL + F32_RTOL.get(op, 1e-4) * ref[finite].abs().max().item())
-    if err > bound:
-        return f"{name}: max|out - ref64| = {err:.2e} > bound {bound:.2e}", err, bound
-    return None, err, bound
+# The project's 2x rule and its one tolerance table: fusedformer.testing (shared with the tests).
+rule_2x = testing.check_2x
+ATOL = testing.ATOL
 
 
 # ------------------------------------------------------------------------------------------------

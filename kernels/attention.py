@@ -4,7 +4,8 @@ Math
 ----
 For one (batch b, query head h) with key/value head ``hk = h // (H / Hk)`` (GQA / MQA):
 
-    S   = scale * Q K^T + bias            bias = the additive attn_mask, -inf where is_causal and
+    S   = scale * Q K^T + bias            bias = the additive attn_mask (a masking value, at or
+                                          below -2^17, gives S = -256: reference.py), -inf where is_causal and
                                           k > q (top-left aligned, like SDPA), -inf where
                                           key_padding_mask[b, k]
     lse = logsumexp_k S                   (B, H, Sq), float32, natural log; -inf for a row whose
@@ -74,6 +75,11 @@ MAX_GRID_BATCH = 65535          # grid axis 2 (batch / sequence) limit; larger b
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+
+# Masking values (the reference's rule, fusedformer/reference.py): a finite mask value at or below
+# -2^17 makes the score -256, whatever q . k is.
+_MASKING_THRESHOLD = tl.constexpr(-131072.0)   # -2^17
+_MASKED_SCORE2 = tl.constexpr(-256.0 * 1.4426950408889634)   # in log2 units
 
 
 def _check_head_dims(D: int, Dv: int) -> None:
@@ -155,7 +161,7 @@ def _fwd_tile(
     if HAS_MASK:
         bias = tl.load(mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
                        mask=(rows < q_len)[:, None] & col_ok[None, :], other=0.0)
-        s += bias.to(tl.float32) * _LOG2E
+        s = _masked_score(s, bias.to(tl.float32))
     if HAS_KPM:
         pad = tl.load(kpm_base + cols, mask=col_ok, other=1) != 0
         s = tl.where(pad[None, :], float("-inf"), s)
@@ -238,6 +244,14 @@ def _dropout_row_index(DropBase, b, h, rows, q_len, k_len, n_heads, seqlen_q, se
     else:
         seq_base = b.to(tl.int64) * n_heads * seqlen_q * seqlen_k
     return offset + seq_base + (h.to(tl.int64) * q_len + rows) * k_len
+
+
+@triton.jit
+def _masked_score(s2, bias):
+    """Scores in log2 units plus the additive mask ``bias`` (natural units), masking values
+    (``bias <= -2^17``, finite) giving the fixed score -256 (reference.py)."""
+    masking = bias <= _MASKING_THRESHOLD
+    return tl.where(masking, tl.where(bias == float("-inf"), bias, _MASKED_SCORE2), s2 + bias * _LOG2E)
 
 
 @triton.autotune(configs=_configs(_FWD_TILES, (32, 16), _set_descriptor_blocks), key=_FWD_TUNE_KEY,
@@ -397,7 +411,7 @@ def _bwd_dkdv_tile(
     if HAS_MASK:
         bias = tl.load(mask_base + rows[None, :] * stride_mq + cols[:, None] * stride_mk,
                        mask=row_ok[None, :] & (cols < k_len)[:, None], other=0.0)
-        st += bias.to(tl.float32) * _LOG2E
+        st = _masked_score(st, bias.to(tl.float32))
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
         if CAUSAL:
@@ -538,7 +552,7 @@ def _bwd_dq_tile(
     if HAS_MASK:
         bias = tl.load(mask_base + rows[:, None] * stride_mq + cols[None, :] * stride_mk,
                        mask=(rows < q_len)[:, None] & col_ok[None, :], other=0.0)
-        s += bias.to(tl.float32) * _LOG2E
+        s = _masked_score(s, bias.to(tl.float32))
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         valid = col_ok[None, :]

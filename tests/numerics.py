@@ -1,43 +1,15 @@
-"""The project's numerical acceptance rule, in one place (FlashAttention's rule, DESIGN.md).
-
-For an output or gradient ``out`` of a backend, with ``ref64`` the reference computed in float64
-and ``base`` the reference computed in the test dtype:
+"""Test helpers around the project's acceptance rule, which lives in ``fusedformer.testing`` (one
+rule and one tolerance table for the tests, the benchmarks and the GPU session):
 
     max|out - ref64| <= 2 * max|base - ref64| + ATOL[op][dtype]
 
-float32 must in addition meet the tight bound ``max|out - ref64| <= F32_ATOL + F32_RTOL * max|ref64|``.
-NaN never passes (in ``out``, or where ``ref64`` is finite).
+plus float32's tight bound; NaN never passes.
 """
 from __future__ import annotations
 
 import torch
 
-from fusedformer.tolerances import ATOL, F32_ATOL, F32_RTOL  # noqa: F401  (the one table)
-
-
-def assert_2x(name: str, op: str, out: torch.Tensor, ref64: torch.Tensor, base: torch.Tensor,
-              dtype: torch.dtype = None) -> None:
-    """Assert the 2x rule for one tensor (``name`` is used in the failure message). ``dtype`` is the
-    precision the test runs in (default: ``base``'s dtype); it picks the tolerances."""
-    dtype = dtype or base.dtype
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
-    assert out.dtype == base.dtype, f"{name}: dtype {out.dtype} != {base.dtype}"
-    out64, base64 = out.detach().double().cpu(), base.detach().double().cpu()
-    ref = ref64.detach().double().cpu()
-    finite = torch.isfinite(ref)
-    assert not torch.isnan(out64).any(), f"{name}: NaN in output"
-    assert torch.equal(torch.isfinite(out64), finite), f"{name}: non-finite values where the reference is finite (or vice versa)"
-    if not finite.any():
-        return
-    err = (out64 - ref)[finite].abs().max().item()
-    base_err = (base64 - ref)[finite].abs().max().item()
-    bound = 2.0 * base_err + ATOL[op][dtype]
-    assert err <= bound, (f"{name} [{op}, {dtype}]: max|out - ref64| = {err:.3e} exceeds "
-                          f"2 * {base_err:.3e} + {ATOL[op][dtype]:.1e} = {bound:.3e}")
-    if dtype == torch.float32:
-        scale = ref[finite].abs().max().item()
-        tight = F32_ATOL + F32_RTOL[op] * scale
-        assert err <= tight, f"{name} [{op}, float32]: error {err:.3e} exceeds the tight bound {tight:.3e}"
+from fusedformer.testing import ATOL, F32_ATOL, F32_RTOL, assert_2x  # noqa: F401  (the one rule)
 
 
 def assert_all_2x(op: str, names, outs, refs64, bases, dtype=None) -> None:

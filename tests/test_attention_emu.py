@@ -195,3 +195,21 @@ def test_deterministic_backward(emu, dtype):
     again = _run_emu(emu, t, dtype, dtype, 0.3, True, 1.0 / 8, 5, 0, deterministic=True)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, again):
         assert torch.equal(a, b), f"{name}: the deterministic run is not bitwise reproducible"
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, None], ids=["float32-mask", "qdtype-mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_masked_by_finfo_min(emu, dtype, mask_dtype):
+    """Hugging Face's masks: finfo(mask dtype).min over whole query rows (left padding) and over
+    some keys; such rows attend uniformly (reference.py, masking values), with exact gradients."""
+    t = _problem(2, 2, 2, 33, 70, 64, 64, gen_seed=14)
+    low = torch.finfo(mask_dtype or dtype).min
+    m = torch.zeros(2, 1, 33, 70, dtype=torch.float64)
+    m[0, :, :5, :] = low
+    m[1, :, 7, 10:] = low
+    m[:, :, :, 64:] = low
+    t["attn_mask"] = m.expand(2, 2, 33, 70)
+    out, lse, *_ = _check(emu, t, dtype, mask_dtype=mask_dtype, causal=True)
+    if low <= reference.MASKING_THRESHOLD:  # float16's -65504 is not a masking value (softmax of q . k)
+        uniform = t["v"][0, :, :5].double().cumsum(1) / torch.arange(1, 6, dtype=torch.float64)[:, None]
+        assert (out[0, :, :5].double() - uniform).abs().max() < 3e-2  # causal: row i averages keys 0..i

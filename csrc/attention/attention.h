@@ -27,6 +27,7 @@
 // References: Dao et al., FlashAttention (2022) and FlashAttention-2 (2023); Milakov & Gimelshein,
 // "Online normalizer calculation for softmax" (2018).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
@@ -37,6 +38,25 @@
 #include "common/philox.h"
 
 namespace ff::attention {
+
+// Masking values (the reference's rule, python/fusedformer/reference.py): a finite additive mask
+// value at or below kMaskingThreshold (the finfo(float32 / bfloat16).min that Hugging Face writes, -1e9)
+// marks a masked key, whose score is kMaskedScore whatever q . k is. A row with an unmasked key
+// gives such keys weight 0 (exp(-256 - max) underflows); a row whose every finite score is a
+// masking value attends uniformly to those keys, as torch's math path does for finfo.min masks,
+// and its lse = -256 + log(n) stays exact enough in float32 for the backward's P = exp(S - lse)
+// (with the raw value, lse rounds to the mask value and P does not sum to 1). The gradient is
+// taken straight through, as if the score were q . k + bias.
+constexpr float kMaskingThreshold = -131072.f;  // -2^17
+constexpr float kMaskedScore = -256.f;
+
+// The score of (i, j) from its scaled q . k and its additive mask value (natural-log units), in
+// units of 1 / unit: unit = 1 for natural-log scores, log2(e) for log2 scores (qk then already
+// in log2 units). The threshold always applies to the mask value itself.
+FF_HOST_DEVICE float masked_score(float qk, float bias, float unit = 1.f) {
+  if (bias <= kMaskingThreshold) return bias == -INFINITY ? bias : kMaskedScore * unit;
+  return qk + bias * unit;
+}
 
 // A rank-4 tensor (batch, head, row, column) addressed by strides, in elements; the column
 // (last) dim is contiguous.

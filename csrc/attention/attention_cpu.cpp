@@ -102,6 +102,13 @@ FF_CPU_CLONES float row_max(const float* x, int64_t n) {
   return m;
 }
 
+// Whether x holds a NaN (row_max skips NaNs: a row of NaN scores looks fully masked to it).
+bool row_has_nan(const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (std::isnan(x[j])) return true;
+  return false;
+}
+
 // x = exp(x - m); returns the sum of the new x.
 FF_CPU_CLONES float row_exp_sum(float* x, int64_t n, float m) {
   float s = 0.f;
@@ -155,13 +162,13 @@ FF_CPU_CLONES void row_scaled_copy(const float* a, float s, float* out, int64_t 
   for (int64_t j = 0; j < n; ++j) out[j] = a[j] * s;
 }
 
-// x += mask[j * stride], the mask in its own dtype.
+// x = masked_score(x, mask[j * stride]), the mask in its own dtype (attention.h: masking values).
 template <typename M>
 void add_mask_row_typed(float* x, const M* mask, int64_t stride, int64_t n) {
   if (stride == 1) {
-    for (int64_t j = 0; j < n; ++j) x[j] += static_cast<float>(mask[j]);
+    for (int64_t j = 0; j < n; ++j) x[j] = masked_score(x[j], static_cast<float>(mask[j]));
   } else {
-    for (int64_t j = 0; j < n; ++j) x[j] += static_cast<float>(mask[j * stride]);
+    for (int64_t j = 0; j < n; ++j) x[j] = masked_score(x[j], static_cast<float>(mask[j * stride]));
   }
 }
 
@@ -293,6 +300,7 @@ void forward_f32(const FwdParams& p) {
         float* row = s + i * BK;
         const float m_new = std::max(w.m[i], row_max(row, nk));
         if (m_new == kNegInf) {  // nothing visible to this row yet
+          if (row_has_nan(row, nk)) w.l[i] = std::numeric_limits<float>::quiet_NaN();  // NaN out, as torch
           std::fill(row, row + nk, 0.f);
           continue;
         }

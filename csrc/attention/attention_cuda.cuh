@@ -190,8 +190,8 @@ __device__ __forceinline__ void mma_cb(float (&acc)[NT][4], const float (&c)[KT]
 // Scores, masks and dropout
 // ---------------------------------------------------------------------------------------------
 // The (batch, head) slice a CTA works on and its score transform, in log2 units:
-//   x -> x * scale * log2(e) + attn_mask[i, j] * log2(e), -inf where a mask hides (i, j) or
-//   (i, j) is outside (Sq, Sk).
+//   x -> x * scale * log2(e) + attn_mask[i, j] * log2(e) (masked_score: masking values), -inf where
+//   a mask hides (i, j) or (i, j) is outside (Sq, Sk).
 struct Slice {
   const char* mask = nullptr;  // attn_mask at (b, h), or nullptr
   int mask_kind = 0;           // 0: float32, 1: float16, 2: bfloat16
@@ -209,7 +209,7 @@ struct Slice {
       const float m = mask_kind == 0   ? reinterpret_cast<const float*>(mask)[idx]
                       : mask_kind == 1 ? to_f32(reinterpret_cast<const __half*>(mask)[idx])
                                        : to_f32(reinterpret_cast<const __nv_bfloat16*>(mask)[idx]);
-      s += m * kLog2e;
+      s = masked_score(s, m, kLog2e);  // attention.h: masking values
     }
     return s;
   }

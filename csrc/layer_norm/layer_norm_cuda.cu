@@ -127,16 +127,26 @@ __global__ void ln_fwd_kernel(FwdArgs<T> a) {
       }
     }
     // Without a stored h or a cache, pass 2 re-reads x: form_h(x) == x exactly in that case.
-    const float mean = a.rms ? 0.f : block_sum(sum, scratch) * inv_n;
+    const float mean0 = a.rms ? 0.f : block_sum(sum, scratch) * inv_n;
 
-    float sq = 0.f;
+    // Second pass about mean0; the sum of the deviations refines the mean (a float32 row sum
+    // rounds: a constant row's mean0 is off by an ulp, which BERT's eps = 1e-12 blows up to O(1)),
+    // and sum (v - mean)^2 = sum (v - mean0)^2 - N (mean - mean0)^2.
+    float sq = 0.f, dev = 0.f;
     for (int64_t c = static_cast<int64_t>(threadIdx.x) * VEC; c < N; c += step) {
       float v[VEC];
       reload_h<T, VEC>(a, cache, m, c, v);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sq += (v[j] - mean) * (v[j] - mean);
+      for (int j = 0; j < VEC; ++j) {
+        const float d = v[j] - mean0;
+        dev += d;
+        sq += d * d;
+      }
     }
-    const float rstd = rsqrtf(block_sum(sq, scratch) * inv_n + a.eps);
+    const float shift = a.rms ? 0.f : block_sum(dev, scratch) * inv_n;
+    const float mean = mean0 + shift;
+    const float var = fmaxf(block_sum(sq, scratch) * inv_n - shift * shift, 0.f);
+    const float rstd = rsqrtf(var + a.eps);
     if (threadIdx.x == 0) {
       if (a.mean) a.mean[m] = mean;
       a.rstd[m] = rstd;

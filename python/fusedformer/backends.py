@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+from .errors import InputError, InputTypeError
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 ENV_VAR = "FUSEDFORMER_BACKEND"
@@ -47,17 +48,24 @@ class BackendError(RuntimeError):
     """No backend (or not the requested one) can take the given inputs."""
 
 
-def _check_name(name: str, source: str) -> str:
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {('auto',) + BACKENDS}")
-    return name
+def check_name(name, source: str) -> str:
+    """The one rule for a backend name, wherever it comes from (``backend=`` of an op or a module,
+    ``use_backend``, ``FUSEDFORMER_BACKEND``): a string, case and surrounding spaces ignored,
+    ``'auto'`` or one of ``BACKENDS``. Returns the canonical (lower-case) name."""
+    if not isinstance(name, str):
+        raise InputTypeError(f"{source}: backend must be a string, got {type(name).__name__}")
+    canonical = name.strip().lower()
+    if canonical != "auto" and canonical not in BACKENDS:
+        raise InputError(f"{source}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS} "
+                         "(case is ignored)")
+    return canonical
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed fusedformer calls on backend ``name`` (or ``'auto'``), unless a call says
     otherwise with its own ``backend=`` argument. Nests; thread- and task-local."""
-    token = _current.set(_check_name(name, "use_backend"))
+    token = _current.set(check_name(name, "use_backend"))
     try:
         yield
     finally:
@@ -67,13 +75,13 @@ def use_backend(name: str) -> Iterator[None]:
 def requested_backend(backend: Optional[str] = None) -> str:
     """The backend asked for by argument, context or environment (``'auto'`` when none)."""
     if backend is not None:
-        return _check_name(backend, "backend=")
+        return check_name(backend, "backend=")
     ctx = _current.get()
     if ctx is not None:
         return ctx
     env = os.environ.get(ENV_VAR)
     if env:
-        return _check_name(env.strip().lower(), ENV_VAR)
+        return check_name(env, ENV_VAR)
     return "auto"
 
 

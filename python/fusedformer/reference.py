@@ -40,6 +40,15 @@ def _multiplier(shape, p: float, seed: Optional[Tensor], offset: int, device, dt
     return rng.dropout_multiplier(shape, p, _seed_int(seed), offset, device=device, dtype=dtype)
 
 
+def _row_mean(h: Tensor) -> Tensor:
+    """The mean of each row, refined once: ``m0 + mean(h - m0)``. A plain float32 mean of a
+    constant row is not exactly that constant (the sum rounds), and with BERT's eps = 1e-12 the
+    tiny variance that leaves behind is normalised up to O(1); the refinement makes a constant row's
+    mean exact and halves the error of rows far from zero."""
+    m0 = h.mean(-1)
+    return m0 + (h - m0[:, None]).mean(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # layer_norm
 #
@@ -80,7 +89,7 @@ def layer_norm_fwd(
         rstd = torch.rsqrt(hf.square().mean(-1) + eps)
         xhat = hf * rstd[:, None]
     else:
-        mean = hf.mean(-1)
+        mean = _row_mean(hf)
         rstd = torch.rsqrt((hf - mean[:, None]).square().mean(-1) + eps)
         xhat = (hf - mean[:, None]) * rstd[:, None]
     y = xhat
@@ -219,14 +228,32 @@ def gelu_ffn_bwd(
 #
 #   S = scale * Q K^T + bias,  bias = additive attn_mask, -inf where a bool mask is False, where
 #       is_causal and k > q (top-left aligned, like SDPA), and where key_padding_mask[b, k] is True
-#   lse = logsumexp_k S;   P = exp(S - lse)   (a row with every key masked: lse = -inf, P = 0)
-#   O = (P * Z) V,         Z = dropout multiplier of element (b, h, q, k)
+#   P = softmax_k S            (a row with every key at -inf: P = 0, lse = -inf, output 0)
+#   O = (P * Z) V,             Z = dropout multiplier of element (b, h, q, k)
+#   lse = logsumexp_k S        (saved for the fused backwards; returned with return_lse=True)
 #
+# Masking values. An additive mask value at or below MASKING_THRESHOLD (-2^17) but finite — the
+# finfo(float32 or bfloat16).min that Hugging Face writes, -1e9 — marks a masked key. Its score
+# is MASKED_SCORE (-256), whatever q . k is. Where a row has an unmasked key (a score above about
+# -150) such keys get weight exp(-256 - max) = 0 in float32, as they would with the raw value. A row
+# whose every finite score is a masking value attends uniformly to those keys, which is what
+# torch's math path gives for finfo.min masks (q . k is absorbed in S there); unlike the raw value,
+# -256 keeps lse = -256 + log(n) exact enough in float32 for the backwards' P = exp(S - lse)
+# (with finfo(float32).min, lse would round to the mask value and P would not sum to 1). The
+# gradient flows through such scores as if S were q . k + bias (straight through), again as in
+# torch's math path.
+#
+# Everything is computed in float32 (float64 for float64 inputs) and rounded once at the end, as
+# torch's math path does on the CPU: this is the base of the 2x rule.
 # GQA: query head h reads key/value head h // (H / Hk).
 # Backward: dV = (P*Z)^T dO;  dP = (dO V^T) * Z;  dS = P * (dP - rowsum(P * dP))
 #           dQ = scale * dS K;  dK = scale * dS^T Q  (dK, dV summed over the heads of a group)
 # Masks are constants: they get no gradient.
 # ---------------------------------------------------------------------------------------------
+MASKING_THRESHOLD = -2.0 ** 17
+MASKED_SCORE = -256.0
+
+
 def attention_bias(
     q: Tensor, k: Tensor,
     attn_mask: Optional[Tensor],          # broadcastable to (B, H, Sq, Sk): bool (True = attend) or additive
@@ -254,20 +281,42 @@ def attention_bias(
     return bias
 
 
+def _groups(q: Tensor, kv: Tensor) -> int:
+    """Query heads per key/value head (1 when there are no heads at all)."""
+    return q.shape[1] // kv.shape[1] if kv.shape[1] else 1
+
+
 def _expand_kv(t: Tensor, groups: int) -> Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
-def _probabilities(S: Tensor, lse: Tensor) -> Tensor:
-    P = torch.exp(S - lse[..., None])
-    return torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(P), P)
+def _softmax(S: Tensor) -> tuple[Tensor, Tensor]:
+    """``(P, lse)`` of the scores' rows: P = 0 and lse = -inf for a row with every score -inf; NaN
+    in a row gives NaN (as torch's softmax does)."""
+    if S.shape[-1] == 0:
+        return S, S.new_full(S.shape[:-1], float("-inf"))
+    m = S.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    E = torch.exp(S - m)
+    l = E.sum(-1, keepdim=True)
+    P = E / torch.where(l == 0, torch.ones_like(l), l)
+    return P, (m + torch.log(l)).squeeze(-1)
 
 
 def _scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat) -> Tensor:
-    kx = _expand_kv(k, q.shape[1] // k.shape[1])
-    S = (q @ kx.transpose(-1, -2)).to(stat) * scale
+    kx = _expand_kv(k, _groups(q, k))
+    S = (q.to(stat) @ kx.to(stat).transpose(-1, -2)) * scale
     bias = attention_bias(q, k, attn_mask, key_padding_mask, is_causal, stat)
-    return S if bias is None else S + bias
+    if bias is None:
+        return S
+    masking = (bias <= MASKING_THRESHOLD) & ~torch.isneginf(bias)
+    return torch.where(masking, torch.tensor(MASKED_SCORE, dtype=stat, device=S.device), S + bias)
+
+
+def attention_probabilities(q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
+                            key_padding_mask: Optional[Tensor], is_causal: bool, scale: float) -> Tensor:
+    """P (B, H, Sq, Sk) before dropout, in float32 (float64 for float64 inputs)."""
+    return _softmax(_scores(q, k, attn_mask, key_padding_mask, is_causal, scale, _stat_dtype(q.dtype)))[0]
 
 
 def attention_fwd(
@@ -284,20 +333,18 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(out (B, H, Sq, Dv), lse (B, H, Sq) float32)``."""
     stat = _stat_dtype(q.dtype)
-    S = _scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat)
-    lse = torch.logsumexp(S, dim=-1)
-    P = _probabilities(S, lse)
+    P, lse = _softmax(_scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat))
     if dropout_p > 0.0:
         P = P * _multiplier(P.shape, dropout_p, seed, offset, P.device, stat)
-    out = P.to(q.dtype) @ _expand_kv(v, q.shape[1] // v.shape[1])
-    return out, lse
+    out = P @ _expand_kv(v, _groups(q, v)).to(stat)
+    return out.to(q.dtype), lse
 
 
 def attention_bwd(
     dout: Tensor,                         # (B, H, Sq, Dv)
     q: Tensor, k: Tensor, v: Tensor,
     out: Tensor,                          # (B, H, Sq, Dv) forward output
-    lse: Tensor,                          # (B, H, Sq) float32
+    lse: Tensor,                          # (B, H, Sq) float32 (unused: P is recomputed exactly)
     attn_mask: Optional[Tensor],
     key_padding_mask: Optional[Tensor],
     dropout_p: float,
@@ -310,20 +357,21 @@ def attention_bwd(
     stat = lse.dtype
     B, H, Sq, _ = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
-    groups = H // Hk
-    P = _probabilities(_scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat), lse)
+    groups = _groups(q, k)
+    P, _ = _softmax(_scores(q, k, attn_mask, key_padding_mask, is_causal, scale, stat))
     Z = _multiplier(P.shape, dropout_p, seed, offset, P.device, stat) if dropout_p > 0.0 else None
     PZ = P * Z if Z is not None else P
-    dv = PZ.to(q.dtype).transpose(-1, -2) @ dout                       # (B, H, Sk, Dv)
-    dP = (dout @ _expand_kv(v, groups).transpose(-1, -2)).to(stat)     # (B, H, Sq, Sk)
+    do = dout.to(stat)
+    dv = PZ.transpose(-1, -2) @ do                                     # (B, H, Sk, Dv)
+    dP = do @ _expand_kv(v, groups).to(stat).transpose(-1, -2)         # (B, H, Sq, Sk)
     if Z is not None:
         dP = dP * Z
-    dS = (P * (dP - (P * dP).sum(-1, keepdim=True))).to(q.dtype)
-    dq = (dS @ _expand_kv(k, groups)).to(stat) * scale
-    dk = (dS.transpose(-1, -2) @ q).to(stat) * scale                   # (B, H, Sk, D)
+    dS = P * (dP - (P * dP).sum(-1, keepdim=True))
+    dq = (dS @ _expand_kv(k, groups).to(stat)) * scale
+    dk = (dS.transpose(-1, -2) @ q.to(stat)) * scale                   # (B, H, Sk, D)
     if groups > 1:
         dk = dk.reshape(B, Hk, groups, Sk, -1).sum(2)
-        dv = dv.to(stat).reshape(B, Hk, groups, Sk, -1).sum(2)
+        dv = dv.reshape(B, Hk, groups, Sk, -1).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -41,6 +41,7 @@ reference backend and for tests.
 from __future__ import annotations
 
 import torch
+from .errors import InputError
 
 MASK32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53
@@ -53,7 +54,7 @@ PHILOX_ROUNDS = 10
 def threshold(p: float) -> int:
     """The uint32 below which a draw means *drop*: ``floor(p * 2**32)``, for ``0 <= p < 1``."""
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+        raise InputError(f"dropout_p must be in [0, 1), got {p}")
     return int(p * 4294967296.0)
 
 
@@ -96,7 +97,7 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int],
 def uint32_draws(seed: int, offset: int, numel: int, device=None) -> torch.Tensor:
     """The uint32 draw ``r`` for logical indices ``n = 0 .. numel-1`` (as int64 values)."""
     if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
+        raise InputError(f"offset must be >= 0, got {offset}")
     if numel == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
     first_block, last_block = offset >> 2, (offset + numel - 1) >> 2

@@ -23,15 +23,9 @@ from ..ops.layer_norm import layer_norm
 
 
 def check_backend(backend: Optional[str]) -> Optional[str]:
-    """Validate a module's ``backend=`` argument early (``None`` = follow ``use_backend`` / env)."""
-    if backend is None:
-        return None
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
-    name = backend.strip().lower()
-    if name != "auto" and name not in backends.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected None, 'auto' or one of {backends.BACKENDS}")
-    return name
+    """Validate a module's ``backend=`` argument early (``None`` = follow ``use_backend`` / env),
+    by the one rule of ``backends.check_name``."""
+    return None if backend is None else backends.check_name(backend, "backend=")
 
 
 class FusedModule:

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import rng
+from .. import reference, rng
 from ..ops.attention import attention
 from ._base import FusedModule, check_backend, dropout_p as _dropout_p
+from ..errors import InputError, InputTypeError
 
 
 def _to_heads(x: Tensor, batch_first: bool, num_heads: int) -> Tensor:
@@ -68,29 +69,29 @@ def sdpa_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], 
     op = "MultiheadAttention"
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"{op}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+            raise InputTypeError(f"{op}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dim() == 2:
             if tuple(attn_mask.shape) != (L, S):
-                raise ValueError(f"{op}: 2-D attn_mask has shape {tuple(attn_mask.shape)}; expected (L, S) = {(L, S)}")
+                raise InputError(f"{op}: 2-D attn_mask has shape {tuple(attn_mask.shape)}; expected (L, S) = {(L, S)}")
         elif attn_mask.dim() == 3:
             if tuple(attn_mask.shape) != (B * H, L, S):
-                raise ValueError(f"{op}: 3-D attn_mask has shape {tuple(attn_mask.shape)}; expected "
+                raise InputError(f"{op}: 3-D attn_mask has shape {tuple(attn_mask.shape)}; expected "
                                  f"(batch * num_heads, L, S) = {(B * H, L, S)}")
             attn_mask = attn_mask.view(B, H, L, S)
         else:
-            raise ValueError(f"{op}: attn_mask must be 2-D (L, S) or 3-D (batch * num_heads, L, S); got "
+            raise InputError(f"{op}: attn_mask must be 2-D (L, S) or 3-D (batch * num_heads, L, S); got "
                              f"shape {tuple(attn_mask.shape)}")
         if attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask
         elif attn_mask.is_floating_point():
             attn_mask = attn_mask.to(dtype)
         else:
-            raise TypeError(f"{op}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+            raise InputTypeError(f"{op}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
-            raise TypeError(f"{op}: key_padding_mask must be a tensor or None, got {type(key_padding_mask).__name__}")
+            raise InputTypeError(f"{op}: key_padding_mask must be a tensor or None, got {type(key_padding_mask).__name__}")
         if tuple(key_padding_mask.shape) != (B, S):
-            raise ValueError(f"{op}: key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
+            raise InputError(f"{op}: key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
                              f"(batch, S) = {(B, S)}")
         if key_padding_mask.is_floating_point():
             # additive padding: fold it into attn_mask
@@ -101,31 +102,19 @@ def sdpa_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], 
             attn_mask = additive if attn_mask is None else attn_mask + additive
             key_padding_mask = None
         elif key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"{op}: key_padding_mask must be bool or floating point, got {key_padding_mask.dtype}")
+            raise InputTypeError(f"{op}: key_padding_mask must be bool or floating point, got {key_padding_mask.dtype}")
     return attn_mask, key_padding_mask
 
 
 def attention_probabilities(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                             is_causal: bool, scale: float, p: float, seed: Optional[Tensor]) -> Tensor:
-    """The (B, H, L, S) attention probabilities ``fusedformer.attention`` uses (same masks, same
-    dropout mask from ``seed``), in plain PyTorch, for ``need_weights=True``. Rows with every key
+    """The (B, H, L, S) attention probabilities ``fusedformer.attention`` uses (the reference's,
+    same masks, same dropout mask from ``seed``), for ``need_weights=True``. Rows with every key
     masked are 0."""
-    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q.to(stat) @ k.to(stat).transpose(-1, -2)) * scale
-    L, S = scores.shape[-2:]
-    neg_inf = torch.tensor(float("-inf"), dtype=stat, device=q.device)
-    if attn_mask is not None:
-        scores = scores + (torch.where(attn_mask, 0.0, neg_inf) if attn_mask.dtype == torch.bool else attn_mask.to(stat))
-    if is_causal:
-        allowed = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.where(torch.isneginf(lse), torch.zeros_like(scores), torch.exp(scores - lse))
+    probs = reference.attention_probabilities(q, k, attn_mask, key_padding_mask, is_causal, scale)
     if p > 0.0:
         probs = probs * rng.dropout_multiplier(probs.shape, p, int(seed.reshape(-1)[0]), 0,
-                                               device=probs.device, dtype=stat)
+                                               device=probs.device, dtype=probs.dtype)
     return probs.to(q.dtype)
 
 
@@ -168,23 +157,23 @@ class MultiheadAttention(FusedModule, nn.MultiheadAttention):
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         op = "MultiheadAttention"
         if query.is_nested or key.is_nested or value.is_nested:
-            raise ValueError(f"{op}: nested tensors are not supported by the fused module; pad the batch "
+            raise InputError(f"{op}: nested tensors are not supported by the fused module; pad the batch "
                              "and pass key_padding_mask instead")
         batched = query.dim() == 3
         if not batched:
             if query.dim() != 2 or key.dim() != 2 or value.dim() != 2:
-                raise ValueError(f"{op}: expected 3-D (batched) or 2-D (unbatched) query, key and value; got "
+                raise InputError(f"{op}: expected 3-D (batched) or 2-D (unbatched) query, key and value; got "
                                  f"shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
             bdim = 0 if self.batch_first else 1
             query, key, value = query.unsqueeze(bdim), key.unsqueeze(bdim), value.unsqueeze(bdim)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif key.dim() != 3 or value.dim() != 3:
-            raise ValueError(f"{op}: query is 3-D but key / value have shapes {tuple(key.shape)}, {tuple(value.shape)}")
+            raise InputError(f"{op}: query is 3-D but key / value have shapes {tuple(key.shape)}, {tuple(value.shape)}")
         if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"{op}: query's last dimension is {query.shape[-1]}; expected embed_dim {self.embed_dim}")
+            raise InputError(f"{op}: query's last dimension is {query.shape[-1]}; expected embed_dim {self.embed_dim}")
         if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch and "
+            raise InputError(f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch and "
                              "sequence length")
 
         H = self.num_heads

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..ops.gelu_ffn import APPROXIMATIONS
 from ._base import FusedModule, check_backend, dropout_p as _dropout_p, linear_gelu_linear
+from ..errors import InputError
 
 
 class GeluFFN(FusedModule, nn.Module):
@@ -38,9 +39,9 @@ class GeluFFN(FusedModule, nn.Module):
                  *, backend: Optional[str] = None):
         super().__init__()
         if approximate not in APPROXIMATIONS:
-            raise ValueError(f"GeluFFN: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+            raise InputError(f"GeluFFN: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"GeluFFN: dropout must be in [0, 1), got {dropout}")
+            raise InputError(f"GeluFFN: dropout must be in [0, 1), got {dropout}")
         out_features = in_features if out_features is None else out_features
         self.linear1 = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
         self.linear2 = nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import backends, rng
+from .. import _compat, backends, rng
+from ..errors import InputError, InputTypeError
 
 SeedLike = Union[int, Tensor, None]
 
@@ -24,17 +25,18 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------------
 # argument checks
 # ------------------------------------------------------------------------------------------------
-def check_tensor(op: str, name: str, t, *, ndim: Optional[int] = None, min_ndim: int = 0) -> Tensor:
+def check_tensor(op: str, name: str, t, *, ndim: Optional[int] = None, min_ndim: int = 0,
+                 nonempty: bool = False) -> Tensor:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not (t.is_floating_point()):
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise InputTypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise InputError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if t.dim() < min_ndim:
-        raise ValueError(f"{op}: {name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{op}: {name} is empty (shape {tuple(t.shape)}); expected at least one element")
+        raise InputError(f"{op}: {name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if nonempty and t.numel() == 0:
+        raise InputError(f"{op}: {name} is empty (shape {tuple(t.shape)}); expected at least one element")
     return t
 
 
@@ -45,44 +47,44 @@ def check_like(op: str, name: str, t: Optional[Tensor], ref: Tensor, ref_name: s
     if t is None:
         return None
     if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise InputTypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+        raise InputError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
                          "expected the same device")
     allowed = tuple(dtypes) if dtypes is not None else (ref.dtype,)
     if t.dtype not in allowed:
         want = " or ".join(str(d) for d in allowed)
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {want} (the dtype of {ref_name})")
+        raise InputTypeError(f"{op}: {name} has dtype {t.dtype}; expected {want} (the dtype of {ref_name})")
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+        raise InputError(f"{op}: {name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
     return t
 
 
 def check_probability(op: str, name: str, p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float, got {type(p).__name__}")
+        raise InputTypeError(f"{op}: {name} must be a float, got {type(p).__name__}")
     p = float(p)
     if not (0.0 <= p < 1.0):
-        raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
+        raise InputError(f"{op}: {name} must be in [0, 1), got {p}")
     return p
 
 
 def check_finite(op: str, name: str, value, *, min_value: Optional[float] = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+        raise InputTypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be finite, got {value}")
+        raise InputError(f"{op}: {name} must be finite, got {value}")
     if min_value is not None and value < min_value:
-        raise ValueError(f"{op}: {name} must be >= {min_value}, got {value}")
+        raise InputError(f"{op}: {name} must be >= {min_value}, got {value}")
     return value
 
 
 def check_offset(op: str, offset) -> int:
     if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"{op}: offset must be an int, got {type(offset).__name__}")
+        raise InputTypeError(f"{op}: offset must be an int, got {type(offset).__name__}")
     if offset < 0:
-        raise ValueError(f"{op}: offset must be >= 0, got {offset}")
+        raise InputError(f"{op}: offset must be >= 0, got {offset}")
     return offset
 
 
@@ -95,15 +97,15 @@ def make_seed(op: str, seed: SeedLike, dropout_p: float) -> Optional[Tensor]:
     if seed is None:
         return rng.new_seed()
     if isinstance(seed, bool):
-        raise TypeError(f"{op}: seed must be an int or an integer tensor, got bool")
+        raise InputTypeError(f"{op}: seed must be an int or an integer tensor, got bool")
     if isinstance(seed, int):
         return torch.tensor([seed & ((1 << 63) - 1)], dtype=torch.int64)
     if isinstance(seed, Tensor):
         if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
-            raise TypeError(f"{op}: seed tensor must hold one integer, got dtype {seed.dtype} "
+            raise InputTypeError(f"{op}: seed tensor must hold one integer, got dtype {seed.dtype} "
                             f"and shape {tuple(seed.shape)}")
         return seed.reshape(1).to(device="cpu", dtype=torch.int64)
-    raise TypeError(f"{op}: seed must be an int, an integer tensor or None, got {type(seed).__name__}")
+    raise InputTypeError(f"{op}: seed must be an int, an integer tensor or None, got {type(seed).__name__}")
 
 
 def seed_int(seed: Optional[Tensor]) -> int:
@@ -164,6 +166,18 @@ def triton_kernels_installed(module: str) -> bool:
     """Whether ``fusedformer.kernels.<module>`` exists (without importing it, hence Triton)."""
     import importlib.util
     return importlib.util.find_spec(f"fusedformer.kernels.{module}") is not None
+
+
+def any_empty(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call has no work (a zero-size input): such calls run on the reference, which gives
+    torch's empty (or zero-sum) results and gradients. Size-oblivious, so that a symbolic size
+    under torch.export (an unbacked batch size, say) is taken as non-empty instead of guarded on."""
+    return any(t is not None and _compat.known_zero(t.numel()) for t in tensors)
+
+
+def fns(table: dict, backend: str, *tensors: Optional[Tensor]) -> tuple[Callable, Callable]:
+    """The (forward, backward) functions of ``backend`` — the reference's when the call is empty."""
+    return table["reference" if any_empty(*tensors) else backend].fns()
 
 
 def native_op(name: str):

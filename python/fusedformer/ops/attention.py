@@ -5,12 +5,20 @@ log-sum-exp on request.
 Custom ops ``fusedformer::attention_fwd`` / ``fusedformer::attention_bwd`` carry every backend
 (fake implementations for ``torch.compile``; one autograd formula for all backends).
 
+Shapes as SDPA takes them: (*batch, H, S, D) with batch dims that broadcast, or (N, S, E) / (S, E)
+without heads; key / value with one head broadcast over the query heads (``enable_gqa`` for other
+divisors). Empty inputs give torch's empty or zero-sum results.
+
 Mask conventions (each as in the torch API it comes from):
-* ``attn_mask`` (SDPA): bool, True = *may attend*; or additive float, broadcastable to (B, H, Sq, Sk).
-* ``key_padding_mask`` (``nn.MultiheadAttention``): bool (B, Sk), True = *padding, ignored*.
+* ``attn_mask`` (SDPA): bool, True = *may attend*; or additive, in query's dtype or float32,
+  broadcastable to (*batch, H, Sq, Sk); or a ``torch.nn.attention.bias.CausalBias``.
+* ``key_padding_mask`` (``nn.MultiheadAttention``): bool (*batch, Sk), True = *padding, ignored*.
 * ``is_causal`` (SDPA): query i attends keys j <= i (top-left aligned); may be combined with masks.
-A query row whose every key is masked gets output 0 and log-sum-exp -inf (and no gradient).
-Masks are constants: they receive no gradient.
+A query row whose every key is masked by -inf (bool masks, padding, causal) gets output 0 and
+log-sum-exp -inf (and no gradient), as torch's math path gives for bool masks. Finite additive
+values at or below -2^17 (``finfo.min`` masks) are *masking values* (``reference.py``): a row
+whose every key has one attends uniformly, as torch's math path does.
+Masks are constants: they receive no gradient (a mask that requires grad is refused).
 """
 from __future__ import annotations
 
@@ -20,8 +28,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _compat, backends, reference
 from . import _common as C
+from ..errors import InputError, InputTypeError
 
 OP = "attention"
 
@@ -76,7 +85,7 @@ def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     dropout_p: float, is_causal: bool, scale: float, seed: Optional[Tensor], offset: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fwd, _ = TABLE[backend].fns()
+    fwd, _ = C.fns(TABLE, backend, q, k, v)
     return fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset)
 
 
@@ -93,7 +102,7 @@ def attention_bwd(
     key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
     seed: Optional[Tensor], offset: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, bwd = TABLE[backend].fns()
+    _, bwd = C.fns(TABLE, backend, q, k, v)
     return bwd(dout, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset)
 
 
@@ -123,69 +132,130 @@ OPS = C.FusedOp(OP, TABLE, attention_fwd, attention_bwd, _setup_context, _backwa
 
 
 def _check_qkv(op: str, query, key, value, enable_gqa: bool):
-    q = C.check_tensor(op, "query", query, ndim=4)
-    k = C.check_tensor(op, "key", key, ndim=4)
-    v = C.check_tensor(op, "value", value, ndim=4)
+    """query (*batch, H, Sq, D), key (*batch, Hk, Sk, D), value (*batch, Hk, Sk, Dv) — or 3-D
+    (N, S, E) / 2-D (S, E) without a heads dim, as SDPA takes them. Batch dims broadcast; a key /
+    value head count of 1 broadcasts over the query heads (SDPA's broadcasting, computed as GQA
+    with one group), others must equal H or, with ``enable_gqa``, divide it.
+
+    Returns ``(q, k, v, batch, heads)``: 4-D (B, H, S, D) views (expanded where batch broadcasts),
+    the broadcast batch shape and whether the inputs had a heads dim, to shape the result back."""
+    q = C.check_tensor(op, "query", query, min_ndim=2)
+    k = C.check_tensor(op, "key", key, min_ndim=2)
+    v = C.check_tensor(op, "value", value, min_ndim=2)
     for name, t in (("key", k), ("value", v)):
         if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but query is on {q.device}; expected the same device")
+            raise InputError(f"{op}: {name} is on {t.device} but query is on {q.device}; expected the same device")
         if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {q.dtype} (the dtype of query)")
-    B, H, Sq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{op}: query, key and value must share the batch size (dim 0); got shapes "
+            raise InputTypeError(f"{op}: {name} has dtype {t.dtype}; expected {q.dtype} (the dtype of query)")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise InputError(f"{op}: query, key and value must have the same number of dimensions; got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[3] != D:
-        raise ValueError(f"{op}: key's head dim {k.shape[3]} must equal query's head dim {D} (layout B, H, S, D)")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"{op}: key {tuple(k.shape)} and value {tuple(v.shape)} must agree in heads and "
-                         "sequence length (layout B, H, S, D)")
-    Hk = k.shape[1]
-    if Hk != H:
+    heads = q.dim() >= 4
+    if not heads:  # (N, S, E) or (S, E): one head
+        q, k, v = (t.reshape(*t.shape[:-2], 1, *t.shape[-2:]) for t in (q, k, v))
+        if q.dim() == 3:
+            q, k, v = q[None], k[None], v[None]
+    shapes = f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+    if k.shape[-1] != q.shape[-1]:
+        raise InputError(f"{op}: key's head dim {k.shape[-1]} must equal query's head dim {q.shape[-1]} "
+                         f"(layout ..., S, D); got shapes {shapes}")
+    if k.shape[-2] != v.shape[-2] or k.shape[-3] != v.shape[-3]:
+        raise InputError(f"{op}: key and value must agree in heads and sequence length (layout ..., H, S, D); "
+                         f"got shapes {shapes}")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise InputError(f"{op}: the batch dims of query, key and value do not broadcast; got shapes {shapes}") from None
+    H, Hk = q.shape[-3], k.shape[-3]
+    if Hk != H and Hk != 1:
         if not enable_gqa:
-            raise ValueError(f"{op}: query has {H} heads but key/value have {Hk}; pass enable_gqa=True for "
+            raise InputError(f"{op}: query has {H} heads but key/value have {Hk}; pass enable_gqa=True for "
                              "grouped-query attention")
         if H % Hk:
-            raise ValueError(f"{op}: query heads ({H}) must be a multiple of key/value heads ({Hk}) for GQA")
+            raise InputError(f"{op}: query heads ({H}) must be a multiple of key/value heads ({Hk}) for GQA")
+
+    def to_4d(t: Tensor) -> Tensor:
+        if len(batch) == 1 and tuple(t.shape[:-3]) == tuple(batch):
+            return t  # the common case: no copy, no new view
+        t = t.expand(*batch, *t.shape[-3:])
+        return t.reshape(-1, *t.shape[-3:])
+
+    q, k, v = to_4d(q), to_4d(k), to_4d(v)
+    if query.dim() == 2:
+        batch = torch.Size()  # (S, E): no batch dims in the result either
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must have a contiguous last (head) dimension; got strides "
+        if t.stride(-1) != 1 and t.numel() > 0:
+            raise InputError(f"{op}: {name} must have a contiguous last (head) dimension; got strides "
                              f"{tuple(t.stride())} — call .contiguous() first")
-    return q, k, v
+    return q, k, v, tuple(batch), heads
 
 
-def _normalize_masks(op: str, q: Tensor, k: Tensor, attn_mask, key_padding_mask):
+def _causal_bias(op: str, attn_mask, is_causal, q: Tensor, k: Tensor):
+    """A CausalBias mask (``torch.nn.attention.bias.causal_upper_left / causal_lower_right``) as
+    what SDPA makes of it: ``is_causal`` for the upper-left variant (and for lower-right when
+    Sq == Sk), a bool mask for lower-right otherwise."""
+    info = _compat.causal_bias(attn_mask)
+    if info is None:
+        return attn_mask, is_causal
+    lower_right, sq, sk = info
+    if (sq, sk) != (q.shape[-2], k.shape[-2]):
+        raise InputError(f"{op}: the CausalBias attn_mask is for (Sq, Sk) = {(sq, sk)} but query and key "
+                         f"have Sq = {q.shape[-2]}, Sk = {k.shape[-2]}")
+    if is_causal:
+        raise InputError(f"{op}: attn_mask is a CausalBias, which already makes the attention causal; "
+                         "pass is_causal=False")
+    if not lower_right or sq == sk:
+        return None, True
+    return _compat.lower_right_causal_mask(sq, sk, q.device), False
+
+
+def _normalize_masks(op: str, q: Tensor, k: Tensor, attn_mask, key_padding_mask, batch: tuple, heads: bool):
+    """attn_mask broadcastable to (*batch, H, Sq, Sk) ((*batch, Sq, Sk) without a heads dim): bool,
+    or additive in query's dtype or float32 (as SDPA takes them) -> additive (B, H, Sq, Sk), a view
+    where it broadcasts. key_padding_mask (*batch, Sk) bool -> (B, Sk)."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"{op}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+            raise InputTypeError(f"{op}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.device != q.device:
-            raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {q.device}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise TypeError(f"{op}: attn_mask must be bool or have query's dtype {q.dtype}; got {attn_mask.dtype}")
+            raise InputError(f"{op}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+        if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
+            raise InputTypeError(f"{op}: attn_mask must be bool, float32 or query's dtype {q.dtype}; "
+                                 f"got {attn_mask.dtype}")
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise InputError(f"{op}: attn_mask requires grad, but fusedformer computes no gradient for masks "
+                             "(they are constants); pass attn_mask.detach() if it is one, or use "
+                             "torch.nn.functional.scaled_dot_product_attention for a learned bias")
+        full = (*batch, H, Sq, Sk) if heads else (*batch, Sq, Sk)
         try:
-            shape = torch.broadcast_shapes(attn_mask.shape, (B, H, Sq, Sk))
+            shape = torch.broadcast_shapes(attn_mask.shape, full)
         except RuntimeError:
             shape = None
-        if shape != (B, H, Sq, Sk):
-            raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"(B, H, Sq, Sk) = {(B, H, Sq, Sk)}")
+        if shape != full:
+            raise InputError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"{'(*batch, H, Sq, Sk)' if heads else '(*batch, Sq, Sk)'} = {full}")
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
                 ~attn_mask, float("-inf"))
-        attn_mask = attn_mask.expand(B, H, Sq, Sk)
+        attn_mask = attn_mask.expand(full)
+        if not heads:
+            attn_mask = attn_mask.unsqueeze(-3)
+        if attn_mask.dim() != 4:
+            attn_mask = attn_mask.reshape(B, H, Sq, Sk)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
-            raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, got "
-                            f"{type(key_padding_mask).__name__}")
+            raise InputTypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, got "
+                                 f"{type(key_padding_mask).__name__}")
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"{op}: key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (B, Sk):
-            raise ValueError(f"{op}: key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected (B, Sk) = {(B, Sk)}")
+            raise InputTypeError(f"{op}: key_padding_mask must be a bool tensor (True = padding), got "
+                                 f"{key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (*batch, Sk):
+            raise InputError(f"{op}: key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
+                             f"(*batch, Sk) = {(*batch, Sk)}")
         if key_padding_mask.device != q.device:
-            raise ValueError(f"{op}: key_padding_mask is on {key_padding_mask.device} but query is on {q.device}")
-        key_padding_mask = key_padding_mask.contiguous()
+            raise InputError(f"{op}: key_padding_mask is on {key_padding_mask.device} but query is on {q.device}")
+        key_padding_mask = key_padding_mask.reshape(B, Sk).contiguous()
     return attn_mask, key_padding_mask
 
 
@@ -214,17 +284,24 @@ def attention(
     long as the head dimension is contiguous.
     """
     op = "attention"
-    q, k, v = _check_qkv(op, query, key, value, enable_gqa)
-    attn_mask, key_padding_mask = _normalize_masks(op, q, k, attn_mask, key_padding_mask)
+    attn_mask, is_causal = _causal_bias(op, attn_mask, is_causal, query, key)
+    q, k, v, batch, heads = _check_qkv(op, query, key, value, enable_gqa)
+    attn_mask, key_padding_mask = _normalize_masks(op, q, k, attn_mask, key_padding_mask, batch, heads)
     if not isinstance(is_causal, bool):
-        raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else C.check_finite(op, "scale", scale)
+        raise InputTypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
+    D = q.shape[-1]
+    scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else C.check_finite(op, "scale", scale)
     dropout_p = C.check_probability(op, "dropout_p", dropout_p)
     offset = C.check_offset(op, offset)
     seed_t = C.make_seed(op, seed, dropout_p)
-    inputs = {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v.shape[-1],
+    inputs = {"device": q.device, "dtype": q.dtype, "head_dim": D, "head_dim_v": v.shape[-1],
               "seqlen_q": q.shape[2], "seqlen_k": k.shape[2], "has_attn_mask": attn_mask is not None,
               "has_key_padding_mask": key_padding_mask is not None, "dropout_p": dropout_p}
     name = backends.resolve(OP, TABLE, backend, inputs, q.device)
+    if C.any_empty(q, k, v):
+        name = "reference"  # nothing to compute: torch's empty / zero-sum results and gradients
     out, lse = OPS(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed_t, offset, name)
+    if not heads or len(batch) != 1:  # back to the inputs' leading dims
+        out = out.reshape(*batch, *(out.shape[1:] if heads else out.shape[2:]))
+        lse = lse.reshape(*batch, *(lse.shape[1:] if heads else lse.shape[2:]))
     return (out, lse) if return_lse else out

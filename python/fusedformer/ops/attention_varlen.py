@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _common as C
+from ..errors import InputError, InputTypeError
 
 OP = "attention_varlen"
 MAX_TRITON_HEAD_DIM = 256
@@ -110,25 +111,25 @@ OPS = C.FusedOp(OP, TABLE, attention_varlen_fwd, attention_varlen_bwd, _setup_co
 
 def _check_cu_seqlens(op: str, name: str, cu, total: int, device: torch.device, max_name: str, max_len) -> int:
     if not isinstance(cu, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(cu).__name__}")
+        raise InputTypeError(f"{op}: {name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
-        raise TypeError(f"{op}: {name} must be an int32 tensor, got {cu.dtype}")
+        raise InputTypeError(f"{op}: {name} must be an int32 tensor, got {cu.dtype}")
     if cu.dim() != 1 or cu.shape[0] < 2:
-        raise ValueError(f"{op}: {name} must be 1-D with at least 2 entries (nseq + 1), got shape {tuple(cu.shape)}")
+        raise InputError(f"{op}: {name} must be 1-D with at least 2 entries (nseq + 1), got shape {tuple(cu.shape)}")
     if cu.device != device:
-        raise ValueError(f"{op}: {name} is on {cu.device} but query is on {device}; expected the same device")
+        raise InputError(f"{op}: {name} is on {cu.device} but query is on {device}; expected the same device")
     if isinstance(max_len, bool) or not isinstance(max_len, int):
-        raise TypeError(f"{op}: {max_name} must be an int, got {type(max_len).__name__}")
+        raise InputTypeError(f"{op}: {max_name} must be an int, got {type(max_len).__name__}")
     if max_len < 0:
-        raise ValueError(f"{op}: {max_name} must be >= 0, got {max_len}")
+        raise InputError(f"{op}: {max_name} must be >= 0, got {max_len}")
     # Contents are validated where that costs no device synchronization (CPU tensors, eager mode).
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         lens = cu[1:] - cu[:-1]
         if int(cu[0]) != 0 or bool((lens < 0).any()) or int(cu[-1]) > total:
-            raise ValueError(f"{op}: {name} must start at 0, never decrease and end at most at the token "
+            raise InputError(f"{op}: {name} must start at 0, never decrease and end at most at the token "
                              f"count {total}; got {cu.tolist()}")
         if int(lens.max()) > max_len:
-            raise ValueError(f"{op}: {max_name} = {max_len} is shorter than the longest sequence "
+            raise InputError(f"{op}: {max_name} = {max_len} is shorter than the longest sequence "
                              f"({int(lens.max())}) in {name}")
     return max_len
 
@@ -165,34 +166,34 @@ def attention_varlen(
     Returns ``out`` (Tq, H, Dv) in q's dtype, or ``(out, lse)``.
     """
     op = "attention_varlen"
-    q = C.check_tensor(op, "q", q, ndim=3)
-    k = C.check_tensor(op, "k", k, ndim=3)
-    v = C.check_tensor(op, "v", v, ndim=3)
+    q = C.check_tensor(op, "q", q, ndim=3, nonempty=True)
+    k = C.check_tensor(op, "k", k, ndim=3, nonempty=True)
+    v = C.check_tensor(op, "v", v, ndim=3, nonempty=True)
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}; expected the same device")
+            raise InputError(f"{op}: {name} is on {t.device} but q is on {q.device}; expected the same device")
         if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {q.dtype} (the dtype of q)")
+            raise InputTypeError(f"{op}: {name} has dtype {t.dtype}; expected {q.dtype} (the dtype of q)")
     Tq, H, D = q.shape
     Tk, Hk = k.shape[0], k.shape[1]
     if k.shape[2] != D:
-        raise ValueError(f"{op}: k's head dim {k.shape[2]} must equal q's head dim {D} (layout T, H, D)")
+        raise InputError(f"{op}: k's head dim {k.shape[2]} must equal q's head dim {D} (layout T, H, D)")
     if v.shape[0] != Tk or v.shape[1] != Hk:
-        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must agree in tokens and heads "
+        raise InputError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must agree in tokens and heads "
                          "(layout T, H, D)")
     if H % Hk:
-        raise ValueError(f"{op}: query heads ({H}) must be a multiple of key/value heads ({Hk})")
+        raise InputError(f"{op}: query heads ({H}) must be a multiple of key/value heads ({Hk})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must have a contiguous last (head) dimension; got strides "
+            raise InputError(f"{op}: {name} must have a contiguous last (head) dimension; got strides "
                              f"{tuple(t.stride())} — call .contiguous() first")
     max_seqlen_q = _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, Tq, q.device, "max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, Tk, q.device, "max_seqlen_k", max_seqlen_k)
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
-        raise ValueError(f"{op}: cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
+        raise InputError(f"{op}: cu_seqlens_q has {cu_seqlens_q.shape[0]} entries but cu_seqlens_k has "
                          f"{cu_seqlens_k.shape[0]}; expected the same number of sequences")
     if not isinstance(is_causal, bool):
-        raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
+        raise InputTypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
     scale = 1.0 / math.sqrt(D) if scale is None else C.check_finite(op, "scale", scale)
     dropout_p = C.check_probability(op, "dropout_p", dropout_p)
     offset = C.check_offset(op, offset)

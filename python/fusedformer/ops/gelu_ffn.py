@@ -7,6 +7,8 @@ saves the pre-activation (M, F) so the backward needs no third GEMM.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _common as C
+from ..errors import InputError
 
 OP = "gelu_ffn"
 APPROXIMATIONS = ("none", "tanh")
@@ -63,7 +66,7 @@ def gelu_ffn_fwd(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], approximate: str,
     dropout_p: float, seed: Optional[Tensor], offset: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fwd, _ = TABLE[backend].fns()
+    fwd, _ = C.fns(TABLE, backend, x, w1, w2)
     return fwd(x, w1, b1, w2, b2, approximate, dropout_p, seed, offset)
 
 
@@ -77,7 +80,7 @@ def gelu_ffn_bwd(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, approximate: str, dropout_p: float,
     seed: Optional[Tensor], offset: int, has_b1: bool, has_b2: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, bwd = TABLE[backend].fns()
+    _, bwd = C.fns(TABLE, backend, dy, x, w1, w2)
     return bwd(dy, x, w1, w2, pre, approximate, dropout_p, seed, offset, has_b1, has_b2)
 
 
@@ -137,19 +140,21 @@ def gelu_ffn(
     C.check_like(op, "w2", w2, x, "input")
     Cin, F = x.shape[-1], w1.shape[0]
     if w1.shape[1] != Cin:
-        raise ValueError(f"{op}: w1 has shape {tuple(w1.shape)}; expected (F, {Cin}) to match input's last dim {Cin}")
+        raise InputError(f"{op}: w1 has shape {tuple(w1.shape)}; expected (F, {Cin}) to match input's last dim {Cin}")
     if w2.shape[1] != F:
-        raise ValueError(f"{op}: w2 has shape {tuple(w2.shape)}; expected (C2, {F}) to match w1's {F} outputs")
+        raise InputError(f"{op}: w2 has shape {tuple(w2.shape)}; expected (C2, {F}) to match w1's {F} outputs")
     C.check_like(op, "b1", b1, x, "input", shape=(F,))
     C.check_like(op, "b2", b2, x, "input", shape=(w2.shape[0],))
     if approximate not in APPROXIMATIONS:
-        raise ValueError(f"{op}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+        raise InputError(f"{op}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     dropout_p = C.check_probability(op, "dropout_p", dropout_p)
     offset = C.check_offset(op, offset)
     seed_t = C.make_seed(op, seed, dropout_p)
 
-    x2 = x.reshape(-1, Cin).contiguous()
+    x2 = x.reshape(math.prod(x.shape[:-1]), Cin).contiguous()
     inputs = {"device": x.device, "dtype": x.dtype, "M": x2.shape[0], "C": Cin, "F": F, "C2": w2.shape[0]}
     name = backends.resolve(OP, TABLE, backend, inputs, x.device)
+    if C.any_empty(x2, w1, w2):
+        name = "reference"  # nothing to compute: torch's empty (or zero-sum) results and gradients
     y, _ = OPS(x2, w1.contiguous(), b1, w2.contiguous(), b2, approximate, dropout_p, seed_t, offset, name)
     return y.reshape(*x.shape[:-1], w2.shape[0])

@@ -10,6 +10,8 @@ backward runs on the backend the forward ran on.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _common as C
+from ..errors import InputError, InputTypeError
 
 OP = "layer_norm"
 
@@ -60,7 +63,7 @@ def layer_norm_fwd(
     x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
     eps: float, dropout_p: float, seed: Optional[Tensor], offset: int, rms: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fwd, _ = TABLE[backend].fns()
+    fwd, _ = C.fns(TABLE, backend, x)
     return fwd(x, residual, weight, bias, eps, dropout_p, seed, offset, rms)
 
 
@@ -78,7 +81,7 @@ def layer_norm_bwd(
     dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
     dropout_p: float, seed: Optional[Tensor], offset: int, rms: bool, has_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, bwd = TABLE[backend].fns()
+    _, bwd = C.fns(TABLE, backend, dy, h)
     return bwd(dy, dh, h, weight, mean, rstd, dropout_p, seed, offset, rms, has_bias)
 
 
@@ -138,28 +141,29 @@ def _norm(op: str, input: Tensor, normalized_shape, weight, bias, eps, residual,
     normalized_shape = tuple(int(s) for s in normalized_shape)
     k = len(normalized_shape)
     if k == 0 or k > x.dim() or tuple(x.shape[-k:]) != normalized_shape:
-        raise ValueError(f"{op}: normalized_shape {normalized_shape} must be a non-empty suffix of "
+        raise InputError(f"{op}: normalized_shape {normalized_shape} must be a non-empty suffix of "
                          f"input's shape {tuple(x.shape)}")
     wdtypes = (x.dtype, torch.float32)
     C.check_like(op, "weight", weight, x, "input", shape=normalized_shape, dtypes=wdtypes)
     C.check_like(op, "bias", bias, x, "input", shape=normalized_shape, dtypes=wdtypes)
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"{op}: weight ({weight.dtype}) and bias ({bias.dtype}) must have the same dtype")
+        raise InputTypeError(f"{op}: weight ({weight.dtype}) and bias ({bias.dtype}) must have the same dtype")
     C.check_like(op, "residual", residual, x, "input", shape=x.shape)
     eps = C.check_finite(op, "eps", eps, min_value=0.0)
     dropout_p = C.check_probability(op, "dropout_p", dropout_p)
     offset = C.check_offset(op, offset)
     seed_t = C.make_seed(op, seed, dropout_p)
 
-    N = 1
-    for s in normalized_shape:
-        N *= s
-    x2 = _flat(x, (-1, N))
-    r2 = _flat(residual, (-1, N))
+    N = math.prod(normalized_shape)
+    M = math.prod(x.shape[:-k])
+    x2 = _flat(x, (M, N))
+    r2 = _flat(residual, (M, N))
     w1, b1 = _flat(weight, (N,)), _flat(bias, (N,))
     inputs = {"device": x.device, "dtype": x.dtype, "M": x2.shape[0], "N": N,
               "weight_dtype": None if w1 is None else w1.dtype}
     name = backends.resolve(OP, TABLE, backend, inputs, x.device)
+    if C.any_empty(x2):
+        name = "reference"  # nothing to compute: torch's empty results and zero weight gradients
     y, h, _, _ = OPS(x2, r2, w1, b1, eps, dropout_p, seed_t, offset, rms, name)
     if y.shape != x.shape:
         y = y.reshape(x.shape)
