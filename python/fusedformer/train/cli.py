@@ -2,6 +2,8 @@
 
     fusedformer-train compare                                  # tiny MLM on BBC: reference vs cpu
     fusedformer-train pretrain --model mini --objective clm --steps 2000
+    fusedformer-train pretrain --objective mlm+nsp             # BERT: masked LM + next-sentence prediction
+    fusedformer-train pretrain --objective denoise             # BART: reconstruct corrupted text
     fusedformer-train finetune --model minilm --backend cpu --epochs 2
     fusedformer-train finetune --model runs/<run>/checkpoint-001000
     fusedformer-train pretrain --resume runs/<run> --steps 4000  # exact resume, longer schedule
@@ -24,6 +26,7 @@ from typing import Optional, Sequence
 from .config import BACKEND_CHOICES, PRECISIONS, SCHEDULES, STRATEGIES, RunConfig, TrainError
 
 PROG = "fusedformer-train"
+PRETRAIN_OBJECTIVES = ("mlm", "mlm+nsp", "clm", "denoise")
 
 #: Per-subcommand defaults on top of RunConfig's.
 DEFAULTS = {
@@ -76,6 +79,11 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default 8192)")
     g.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
     g.add_argument("--mlm-probability", type=float, help="masked-LM masking rate (default 0.15)")
+    g.add_argument("--mask-ratio", type=float, help="denoise: fraction of words covered by masked spans "
+                                                    "(default 0.3)")
+    g.add_argument("--poisson-lambda", type=float, help="denoise: mean masked-span length (default 3.5)")
+    g.add_argument("--no-permute-sentences", dest="permute_sentences", action="store_false",
+                   help="denoise: keep the source's sentence order")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps")
     g.add_argument("--epochs", type=float, help="epochs (instead of --steps)")
@@ -119,10 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Transformers on fusedformer's backends (see docs/training.md).")
     sub = parser.add_subparsers(dest="cmd", metavar="{pretrain,finetune,compare}")
     pre = sub.add_parser("pretrain", parents=[common], argument_default=argparse.SUPPRESS,
-                         help="masked-LM (BERT) or causal-LM (GPT-2) pretraining",
-                         description="Masked-LM (BERT-style) or causal-LM (GPT-style) pretraining from a "
-                                     "preset, a config file or a checkpoint.")
-    pre.add_argument("--objective", choices=("mlm", "clm"), help="mlm (BERT, default) or clm (GPT-2)")
+                         help="masked-LM / +NSP (BERT), causal-LM (GPT-2) or denoising (BART) pretraining",
+                         description="Masked-LM (BERT-style, optionally with next-sentence prediction), "
+                                     "causal-LM (GPT-style) or denoising (BART-style encoder-decoder) "
+                                     "pretraining from a preset, a config file or a checkpoint.")
+    pre.add_argument("--objective", choices=PRETRAIN_OBJECTIVES,
+                     help="mlm (BERT, default), mlm+nsp (BERT with next-sentence prediction), clm (GPT-2) "
+                          "or denoise (BART: text infilling + sentence permutation)")
     pre.add_argument("--resume", nargs="?", const="", metavar="DIR",
                      help="continue the run in DIR (or --output-dir) exactly from its last checkpoint")
     fin = sub.add_parser("finetune", parents=[common], argument_default=argparse.SUPPRESS,
@@ -136,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run the same seed, data and steps on two or more backends and report "
                                      "per-step loss differences, final metrics, tokens/s, step time and peak "
                                      "memory (table, compare.json, compare.png).")
-    cmp.add_argument("--objective", choices=("mlm", "clm", "classify"),
-                     help="mlm (default), clm, or classify (a fine-tuning comparison)")
+    cmp.add_argument("--objective", choices=PRETRAIN_OBJECTIVES + ("classify",),
+                     help="mlm (default), mlm+nsp, clm, denoise, or classify (a fine-tuning comparison)")
     cmp.add_argument("--backends", help="comma-separated backends, the first is the baseline "
                                         "(default reference,cpu)")
     cmp.add_argument("--reuse-runs", action="store_true",

@@ -16,7 +16,10 @@ from typing import Any, Optional
 #: What ``--backend`` accepts: ``torch`` is the unconverted Hugging Face model (eager attention);
 #: the others are ``fusedformer.convert(model, backend=...)`` with that fusedformer backend.
 BACKEND_CHOICES = ("torch", "auto", "reference", "cpu", "triton", "cuda")
-OBJECTIVES = ("mlm", "clm", "classify")
+OBJECTIVES = ("mlm", "clm", "classify", "mlm+nsp", "denoise")
+#: What each objective trains (for messages).
+OBJECTIVE_NAMES = {"mlm": "masked LM", "clm": "causal LM", "classify": "classification",
+                   "mlm+nsp": "masked LM + next-sentence prediction", "denoise": "denoising (BART)"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 STRATEGIES = ("ddp", "fsdp")
@@ -33,7 +36,7 @@ class RunConfig:
 
     # what to train
     command: str = "pretrain"            # pretrain | finetune (compare runs one of them per backend)
-    objective: str = "mlm"               # mlm | clm | classify
+    objective: str = "mlm"               # mlm | clm | classify | mlm+nsp | denoise
     model: str = "tiny"                  # preset | config .json | checkpoint / HF model folder | minilm
     backend: str = "auto"                # see BACKEND_CHOICES
     # data
@@ -46,6 +49,9 @@ class RunConfig:
     vocab_size: int = 8192               # for a tokenizer trained on the corpus
     seq_len: int = 128
     mlm_probability: float = 0.15
+    mask_ratio: float = 0.3              # denoise: fraction of words covered by masked spans
+    poisson_lambda: float = 3.5          # denoise: mean span length
+    permute_sentences: bool = True       # denoise: shuffle the sentences of the source
     # optimisation
     steps: Optional[int] = None          # optimizer steps; or use `epochs`
     epochs: Optional[float] = None
@@ -135,6 +141,10 @@ class RunConfig:
             raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.mlm_probability < 1.0:
             raise TrainError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise TrainError(f"--mask-ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.poisson_lambda <= 64.0:
+            raise TrainError(f"--poisson-lambda must be in (0, 64], got {self.poisson_lambda}")
         if self.seq_len < 4:
             raise TrainError(f"--seq-len must be at least 4, got {self.seq_len}")
         if self.keep_checkpoints < 1:

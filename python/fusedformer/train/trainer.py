@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import distributed as distrib
 from .config import RunConfig, TrainError, atomic_write_text
-from .data import (IGNORE_INDEX, Batch, StepSampler, _mix, classification_dataset, collate,
-                   lm_dataset, load_corpus)
+from .data import (IGNORE_INDEX, Batch, StepSampler, _mix, classification_dataset, collate, denoise_dataset,
+                   lm_dataset, load_corpus, nsp_dataset)
 from .models import (apply_backend, build_model, check_backend, count_parameters, matmul_parameters,
                      resolve_model)
 from .perf import PeakMemory, gpu_peak_tflops, train_flops_per_token
@@ -61,13 +61,30 @@ def default_output_dir(cfg: RunConfig) -> Path:
 # ------------------------------------------------------------------------------------------------
 # losses
 # ------------------------------------------------------------------------------------------------
+#: The losses of each objective: ``main`` (counted by ``Batch.count``), and ``nsp`` for mlm+nsp.
+TERMS = {"mlm+nsp": ("main", "nsp")}
+#: How a loss is named in logs and metrics (``main`` of mlm+nsp is the masked-LM loss).
+TERM_NAMES = {"mlm+nsp": {"main": "mlm", "nsp": "nsp"}}
+
+
+def terms_of(objective: str) -> tuple[str, ...]:
+    return TERMS.get(objective, ("main",))
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    return F.cross_entropy(logits, target, reduction="sum"), (logits.detach().argmax(-1) == target).sum()
+
+
 class LossModule(torch.nn.Module):
     """The Hugging Face model plus its loss, as one module (what DDP/FSDP wrap).
 
-    ``forward`` returns ``(sum of cross-entropies, number of correct predictions)`` over the batch's
-    loss terms. For masked LM the prediction head runs only at the masked positions (~15% of the
-    tokens; the head's vocabulary-sized matmul would otherwise dominate a small model's step) — the
-    same loss as ``BertForMaskedLM``'s, computed on what it is computed on."""
+    ``forward`` returns, per loss (``"main"``, and ``"nsp"`` for mlm+nsp), ``(sum of cross-entropies,
+    number of correct predictions)`` over the batch's loss terms. For masked LM the prediction head
+    runs only at the masked positions (~15% of the tokens; the head's vocabulary-sized matmul would
+    otherwise dominate a small model's step) — the same loss as ``BertForMaskedLM``'s /
+    ``BertForPreTraining``'s, computed on what it is computed on; for denoising the LM head runs at
+    the target's tokens (not its padding), as ``BartForConditionalGeneration``'s loss does."""
 
     def __init__(self, model: torch.nn.Module, objective: str):
         super().__init__()
@@ -75,8 +92,22 @@ class LossModule(torch.nn.Module):
         self.objective = objective
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                labels: torch.Tensor, **extra: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         m = self.model
+        if self.objective == "mlm+nsp":
+            out = m.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=extra["token_type_ids"])
+            hidden, pooled = out[0], out[1]
+            picked = labels != IGNORE_INDEX
+            return {"main": _ce(m.cls.predictions(hidden[picked]), labels[picked]),
+                    "nsp": _ce(m.cls.seq_relationship(pooled), extra["next_sentence_label"])}
+        if self.objective == "denoise":
+            from transformers.models.bart.modeling_bart import shift_tokens_right
+            decoder_input_ids = shift_tokens_right(labels, m.config.pad_token_id, m.config.decoder_start_token_id)
+            hidden = m.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                             decoder_attention_mask=extra["decoder_attention_mask"], use_cache=False)[0]
+            picked = labels != IGNORE_INDEX
+            logits = m.lm_head(hidden[picked]) + m.final_logits_bias[0].to(hidden.dtype)
+            return {"main": _ce(logits, labels[picked])}
         if self.objective == "mlm" and hasattr(m, "bert") and hasattr(m, "cls"):
             hidden = m.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
             picked = labels != IGNORE_INDEX
@@ -91,14 +122,12 @@ class LossModule(torch.nn.Module):
                 logits, target = logits[picked], labels[picked]
             else:
                 target = labels
-        loss = F.cross_entropy(logits, target, reduction="sum")
-        correct = (logits.detach().argmax(-1) == target).sum()
-        return loss, correct
+        return {"main": _ce(logits, target)}
 
 
-def batch_loss(model: torch.nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the (wrapped) :class:`LossModule` on a batch."""
-    return model(b.input_ids, b.attention_mask, b.labels)
+def batch_loss(model: torch.nn.Module, b: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the (wrapped) :class:`LossModule` on a batch: ``{loss name: (sum, correct)}``."""
+    return model(b.input_ids, b.attention_mask, b.labels, **b.extra)
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int, warmup: int):
@@ -206,7 +235,8 @@ def init_output_dir(out: Path, cfg: RunConfig, fresh: bool, env: distrib.DistEnv
 
 
 def _check_resume_compatible(cfg: RunConfig, saved: RunConfig) -> None:
-    for key in ("objective", "seq_len", "batch_size", "seed", "data", "max_docs", "mlm_probability"):
+    for key in ("objective", "seq_len", "batch_size", "seed", "data", "max_docs", "mlm_probability",
+                "mask_ratio", "poisson_lambda", "permute_sentences"):
         if getattr(cfg, key) != getattr(saved, key):
             raise TrainError(f"--resume: --{key.replace('_', '-')} is {getattr(cfg, key)!r} but the run was "
                              f"started with {getattr(saved, key)!r}; resume with the same settings")
@@ -257,6 +287,15 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
         train_ds = classification_dataset(corpus, "train", tok, cfg.seq_len)
         valid_ds = classification_dataset(corpus, "validation", tok, cfg.seq_len)
         num_labels = train_ds.num_labels
+    elif cfg.objective == "mlm+nsp":
+        train_ds = nsp_dataset(corpus, "train", tok, cfg.seq_len, cfg.seed)
+        valid_ds = nsp_dataset(corpus, "validation", tok, cfg.seq_len, cfg.seed)
+        num_labels = 2
+    elif cfg.objective == "denoise":
+        settings = (cfg.mask_ratio, cfg.poisson_lambda, cfg.permute_sentences)
+        train_ds = denoise_dataset(corpus, "train", tok, cfg.seq_len, *settings)
+        valid_ds = denoise_dataset(corpus, "validation", tok, cfg.seq_len, *settings)
+        num_labels = 2
     else:
         train_ds = lm_dataset(corpus, "train", tok, cfg.seq_len, cfg.objective)
         valid_ds = lm_dataset(corpus, "validation", tok, cfg.seq_len, cfg.objective)
@@ -265,7 +304,8 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(source, cfg.objective, vocab_size=tok.vocab_size, seq_len=cfg.seq_len,
-                        pad_id=tok.pad_id, eos_id=tok.sep_id, dropout=cfg.dropout, num_labels=num_labels)
+                        pad_id=tok.pad_id, eos_id=tok.sep_id, dropout=cfg.dropout, num_labels=num_labels,
+                        bos_id=tok.cls_id)
     if resume_from is not None:
         ckpt.load_weights(model, resume_from)
     conversion = apply_backend(model, cfg.backend)
@@ -280,6 +320,7 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
         raise TrainError(f"--batch-size {cfg.batch_size} is not a multiple of processes ({W}) × "
                          f"--micro-batch-size ({micro}); choose sizes that divide")
     accum = cfg.batch_size // (W * micro)
+    terms = terms_of(cfg.objective)
     sampler = StepSampler(len(train_ds), cfg.batch_size, cfg.seed)
     total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else total_steps // 10
@@ -311,7 +352,8 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
 
     # ---- accounting ---------------------------------------------------------------------------
     config = hf_model.config
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    layers = (config.encoder_layers + config.decoder_layers if config.model_type == "bart"
+              else getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
     flops_per_token = train_flops_per_token(matmul_parameters(hf_model, cfg.objective), layers, width,
                                             cfg.seq_len)
@@ -363,22 +405,26 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
         mine = indices[env.rank * accum * micro:(env.rank + 1) * accum * micro]
         batches = [collate(train_ds, mine[a * micro:(a + 1) * micro], tok, seed=cfg.seed, epoch=epoch,
                            mlm_probability=cfg.mlm_probability) for a in range(accum)]
-        global_count, global_tokens = distrib.all_reduce_sum(
-            [sum(b.count for b in batches), sum(b.tokens for b in batches)], env)
+        *term_counts, global_tokens = distrib.all_reduce_sum(
+            [sum(b.term_counts()[t] for b in batches) for t in terms] + [sum(b.tokens for b in batches)], env)
+        global_counts = dict(zip(terms, term_counts))
 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in terms}
+        correct_sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in terms}
         for a, b in enumerate(batches):
             b = b.to(device)
             with distrib.maybe_no_sync(model, env, sync=(a == accum - 1)):
                 with autocast_context(precision, device):
-                    loss, _ = batch_loss(model, b)
-                scaled = loss * (W / global_count)
+                    losses = batch_loss(model, b)
+                scaled = sum(losses[t][0] * (W / global_counts[t]) for t in terms)
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach().double()
+            for t in terms:
+                loss_sums[t] += losses[t][0].detach().double()
+                correct_sums[t] += losses[t][1].detach().double()
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -393,19 +439,27 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        (loss_total,) = distrib.all_reduce_sum([float(loss_sum)], env)
+        reduced = distrib.all_reduce_sum([float(loss_sums[t]) for t in terms] +
+                                         [float(correct_sums[t]) for t in terms], env)
+        term_losses = {t: reduced[i] / global_counts[t] for i, t in enumerate(terms)}
+        term_correct = {t: reduced[len(terms) + i] / global_counts[t] for i, t in enumerate(terms)}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         dt = distrib.all_reduce_max(dt, env)
         timings.append((dt, int(global_tokens)))
 
-        last_loss = loss_total / global_count
+        last_loss = sum(term_losses.values())
         done = step + 1
         tps = global_tokens / dt
         record = {"kind": "train", "step": done, "epoch": epoch, "loss": last_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "step_time": dt, "tokens": int(global_tokens),
                   "tokens_per_s": tps}
+        if len(terms) > 1:  # each loss, and each head's training accuracy
+            names = TERM_NAMES[cfg.objective]
+            for t in terms:
+                record[f"{names[t]}_loss"] = term_losses[t]
+                record[f"{names[t]}_accuracy"] = term_correct[t]
         if peak_tflops:
             record["mfu"] = flops_per_token * tps / (peak_tflops * 1e12 * W)
         if not math.isfinite(last_loss):
@@ -474,24 +528,36 @@ def _save(out: Path, step: int, model, hf_model, optimizer, scheduler, scaler, t
 @torch.no_grad()
 def run_eval(model, ds, tok: TextTokenizer, cfg: RunConfig, env: distrib.DistEnv, micro: int,
              precision: str) -> dict:
-    """Validation loss and accuracy (masked-token, next-token or label accuracy) on the first
-    ``eval_samples`` examples, sharded over ranks (each takes every world_size-th example)."""
+    """Validation loss and accuracy (masked-token, next-token, reconstructed-token or label accuracy)
+    on the first ``eval_samples`` examples, sharded over ranks (each takes every world_size-th
+    example). mlm+nsp: ``loss`` = masked-LM loss + NSP loss (what is trained), each also on its own
+    (``mlm_loss``, ``nsp_loss``) with its accuracy; ``accuracy`` and ``perplexity`` are the masked LM's."""
+    terms = terms_of(cfg.objective)
     n = len(ds) if cfg.eval_samples is None else min(len(ds), cfg.eval_samples)
     n -= n % env.world_size  # equal shards: collectives inside FSDP forwards must pair up
     mine = list(range(env.rank, n, env.world_size))
     model.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    sums = [0.0] * (3 * len(terms))  # per loss: loss sum, correct, count
     for start in range(0, len(mine), micro):
         b = collate(ds, mine[start:start + micro], tok, seed=cfg.seed, epoch=0,
                     mlm_probability=cfg.mlm_probability, eval_mode=True).to(env.device)
         with autocast_context(precision, env.device):
-            loss, right = batch_loss(model, b)
-        loss_sum += float(loss)
-        correct += float(right)
-        count += b.count
-    loss_sum, correct, count = distrib.all_reduce_sum([loss_sum, correct, count], env)
+            losses = batch_loss(model, b)
+        counts = b.term_counts()
+        for i, t in enumerate(terms):
+            sums[3 * i] += float(losses[t][0])
+            sums[3 * i + 1] += float(losses[t][1])
+            sums[3 * i + 2] += counts[t]
+    sums = distrib.all_reduce_sum(sums, env)
     model.train()
-    metrics = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+    loss = {t: sums[3 * i] / max(sums[3 * i + 2], 1) for i, t in enumerate(terms)}
+    accuracy = {t: sums[3 * i + 1] / max(sums[3 * i + 2], 1) for i, t in enumerate(terms)}
+    metrics = {"loss": sum(loss.values()), "accuracy": accuracy["main"]}
     if cfg.objective != "classify":
-        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        metrics["perplexity"] = math.exp(min(loss["main"], 50.0))
+    if len(terms) > 1:
+        names = TERM_NAMES[cfg.objective]
+        for t in terms:
+            metrics[f"{names[t]}_loss"] = loss[t]
+            metrics[f"{names[t]}_accuracy"] = accuracy[t]
     return metrics
