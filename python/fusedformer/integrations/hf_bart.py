@@ -30,10 +30,11 @@ call time the original forward runs (with a ``RuntimeWarning``) when attention p
 requested (``output_attentions``), when the attention implementation was switched after conversion,
 or for keyword arguments that change the attention.
 
-Masks: HF BART builds additive masks with ``finfo.min`` ("eager") or bool masks ("sdpa"). A query
-row whose every key is masked (possible only for a fully padded source, or left-padded decoder
-inputs) is defined differently by the two attention paths (uniform weights in HF's eager softmax,
-see ``fusedformer.attention``'s docstring for the fused kernel); rows of real tokens never are.
+Masks: HF BART builds 4-D additive masks with ``finfo.min`` ("eager") or bool masks ("sdpa"); they
+are passed to ``fusedformer.attention`` as they are (the padding of the source is the
+cross-attention's mask). A query row whose every key is masked (left-padded decoder inputs, a
+fully padded source) attends uniformly under a ``finfo.min`` mask, as HF's eager softmax does
+(``docs/semantics.md``; tested on left-padded decoder inputs).
 """
 from __future__ import annotations
 
