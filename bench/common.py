@@ -305,8 +305,8 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], budget: TimingBud
 
     def done(name: str) -> bool:
         n, t = len(samples[name]), spent[name]
-        return (n >= budget.max_samples or (n >= budget.min_samples and t >= budget.seconds)
-                or (n >= 3 and t >= budget.slow_seconds) or t >= 3 * budget.slow_seconds)
+        return n >= 1 and (n >= budget.max_samples or (n >= budget.min_samples and t >= budget.seconds)
+                           or (n >= 3 and t >= budget.slow_seconds) or t >= 3 * budget.slow_seconds)
 
     rng = random.Random(seed)
     with _gc_paused():
