@@ -213,3 +213,18 @@ def test_rows_masked_by_finfo_min(emu, dtype, mask_dtype):
     if low <= reference.MASKING_THRESHOLD:  # float16's -65504 is not a masking value (softmax of q . k)
         uniform = t["v"][0, :, :5].double().cumsum(1) / torch.arange(1, 6, dtype=torch.float64)[:, None]
         assert (out[0, :, :5].double() - uniform).abs().max() < 3e-2  # causal: row i averages keys 0..i
+
+
+def test_a_nan_score_row_gives_nan(emu):
+    """A NaN in a query row makes every score of that row NaN: its output is NaN (torch's), the
+    other rows are unaffected (by the 2x rule)."""
+    t = _problem(1, 2, 2, 17, 40, 64, 64, gen_seed=15)
+    t["q"][0, 1, 3, 0] = float("nan")
+    out = _run_emu(emu, t, torch.bfloat16, torch.bfloat16, 0.0, False, 1 / 8, 0, 0)[0]
+    assert torch.isnan(out[0, 1, 3]).all(), f"NaN row became {out[0, 1, 3]}"
+    t["q"][0, 1, 3, 0] = 0.0
+    base = _reference(t, torch.bfloat16, torch.bfloat16, 0.0, False, 1 / 8, 0, 0)[0]
+    ref = _reference(t, torch.float64, torch.bfloat16, 0.0, False, 1 / 8, 0, 0)[0]
+    keep = torch.ones(17, dtype=torch.bool)
+    keep[3] = False
+    assert_2x("other rows", OP, out[0, 1][keep], ref[0, 1][keep], base[0, 1][keep], torch.bfloat16)
