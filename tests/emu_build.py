@@ -5,8 +5,8 @@ absolute) with the host C++ compiler — no nvcc — using ``-std=c++20 -O1 -DFF
 torch's own headers require it; the emulation itself needs only C++17), with
 ``csrc/`` and the CUDA toolkit's ``include/`` directory (for cuda_fp16.h, cuda_bf16.h,
 cuda_runtime_api.h) on the include path, and returns the loaded module. The sources include
-``common/simt.cuh``, which under ``FF_SIMT_EMULATION`` is the host emulation
-``csrc/common/simt_emu.h``; they export functions through pybind11 as
+``simt/simt.cuh``, which under ``FF_SIMT_EMULATION`` is the host emulation
+``csrc/simt/simt_emu.h``; they export functions through pybind11 as
 ``PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)`` taking CPU tensors.
 
 The build directory is ``build/emu/<name>`` in the repository (``build/`` is gitignored);

@@ -1,4 +1,4 @@
-"""The SIMT emulator (csrc/common/simt_emu.h) against expectations derived here from the PTX ISA and
+"""The SIMT emulator (csrc/simt/simt_emu.h) against expectations derived here from the PTX ISA and
 the CUDA programming guide — fragment layouts of mma.m16n8k16 and ldmatrix, cp.async group
 semantics, shuffle semantics — and its error paths. The kernels are in csrc/tests/emu/emu_simt.cpp;
 they pass registers through unchanged, so every layout formula below is the test's own."""

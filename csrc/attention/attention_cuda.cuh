@@ -1,5 +1,5 @@
 // attention on CUDA GPUs (sm_80+): FlashAttention-2-style forward and backward on tensor cores
-// (mma.sync m16n8k16, ldmatrix, cp.async), written against common/simt.cuh only, so the same
+// (mma.sync m16n8k16, ldmatrix, cp.async), written against simt/simt.cuh only, so the same
 // templates run on the host emulator (tests/emu) and on the GPU. The math is in attention.h.
 //
 // Head dims. D and Dv are runtime values (multiples of 8, at most 256, Dv may differ from D); the
@@ -56,7 +56,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "common/simt.cuh"
+#include "simt/simt.cuh"
 
 #include "attention/attention.h"
 

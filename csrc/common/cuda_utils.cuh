@@ -1,9 +1,9 @@
 // CUDA helpers: dtype conversion, 16-byte vector access, warp and block reductions.
 // Compiled by a host compiler with -DFF_SIMT_EMULATION, the CUDA built-ins come from the SIMT
-// emulation (common/simt_emu.h, through simt.cuh).
+// emulation (simt/simt_emu.h, through simt.cuh).
 #pragma once
 #ifdef FF_SIMT_EMULATION
-#include "common/simt.cuh"
+#include "simt/simt.cuh"
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -38,7 +38,7 @@
 // Determinism: no atomics. Bias gradients are per-CTA (GEMM) or per-row-chunk (element-wise pass)
 // column partial sums in float32, added by one thread per column in row-tile order.
 //
-// This header uses common/simt.cuh only (no ATen), so the same kernels and launchers compile with
+// This header uses simt/simt.cuh only (no ATen), so the same kernels and launchers compile with
 // nvcc (instantiated by the type-erased launchers of gelu_ffn_cuda_fwd.cu / _bwd.cu, declared in
 // gelu_ffn_cuda.h) and, with -DFF_SIMT_EMULATION, with a host C++ compiler for the emulated tests
 // (csrc/tests/emu/emu_gelu_ffn.cpp). The orchestration — workspaces, the launches in order, the
@@ -49,7 +49,7 @@
 #include <cstdint>
 
 #include "common/philox.h"
-#include "common/simt.cuh"
+#include "simt/simt.cuh"
 #include "gelu_ffn/gelu_ffn_cuda.h"
 
 #ifdef FF_SIMT_EMULATION

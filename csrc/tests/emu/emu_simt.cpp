@@ -1,4 +1,4 @@
-// Kernels that exercise the SIMT emulator (common/simt_emu.h) one primitive at a time, exported to
+// Kernels that exercise the SIMT emulator (simt/simt_emu.h) one primitive at a time, exported to
 // tests/test_simt_emu.py. Built only by tests/emu_build.py (host compiler, -DFF_SIMT_EMULATION).
 // The kernels are plain CUDA against simt.cuh and know nothing of fragment layouts: the tests pass
 // in per-lane registers and check per-lane results against expectations they derive from the PTX
@@ -7,7 +7,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/philox.h"
-#include "common/simt.cuh"
+#include "simt/simt.cuh"
 
 // A named namespace (not an anonymous one) so the kernels are exported symbols and the emulator's
 // error messages can name them.

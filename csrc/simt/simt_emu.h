@@ -1,4 +1,4 @@
-// Host emulation of the SIMT execution model, behind the interface of common/simt.cuh. Selected by
+// Host emulation of the SIMT execution model, behind the interface of simt/simt.cuh. Selected by
 // -DFF_SIMT_EMULATION with a plain C++ compiler (never by nvcc); see simt.cuh for the interface and
 // docs/architecture.md ("Testing CUDA kernels without a GPU") for how the tests use it.
 //
@@ -42,7 +42,7 @@
 // __CUDA_ARCH__ is not defined, so `#if __CUDA_ARCH__` code takes its host branch.
 #pragma once
 #ifndef FF_SIMT_EMULATION
-#error "simt_emu.h is the host emulation; include common/simt.cuh with -DFF_SIMT_EMULATION instead"
+#error "simt_emu.h is the host emulation; include simt/simt.cuh with -DFF_SIMT_EMULATION instead"
 #endif
 #if defined(__CUDACC__)
 #error "the SIMT emulation is for a host C++ compiler, not nvcc"

@@ -1,7 +1,7 @@
 // The warp-level primitives the tensor-core kernels use, behind one small interface with two
 // implementations:
 //   * nvcc (the real one): inline PTX — mma.sync, ldmatrix, cp.async — and the <<<>>> launch;
-//   * a host emulation (common/simt_emu.h, selected by -DFF_SIMT_EMULATION and a plain C++
+//   * a host emulation (simt/simt_emu.h, selected by -DFF_SIMT_EMULATION and a plain C++
 //     compiler): every CUDA thread is a fiber, warps and blocks meet at their collectives, and the
 //     tensor-core instructions are computed from the PTX fragment layouts. The tests build the very
 //     same kernel templates that way and run them on CPU tensors (tests/emu/), so the kernels'
@@ -30,7 +30,7 @@
 #include <utility>
 
 #ifdef FF_SIMT_EMULATION
-#include "common/simt_emu.h"
+#include "simt/simt_emu.h"
 #else
 
 #include <cuda_bf16.h>
