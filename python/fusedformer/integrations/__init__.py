@@ -1,5 +1,5 @@
 """Model conversion: ``convert(model)`` swaps supported layers for fused ones in place, ``revert``
-undoes it. ``torch.nn`` layers always; Hugging Face BERT / GPT-2 layers when the model is one
+undoes it. ``torch.nn`` layers always; Hugging Face BERT / GPT-2 / BART layers when the model is one
 (``transformers`` is optional and never imported by fusedformer itself). ``register_hf()`` adds
 ``attn_implementation="fusedformer"`` to transformers (imported then, and only then)."""
 from .convert import ConversionReport, Rule, convert, revert

@@ -89,8 +89,9 @@ def convert(model: nn.Module, backend: Optional[str] = None, *,
     version; return a :class:`ConversionReport`.
 
     Supported: ``torch.nn`` ``LayerNorm``, ``RMSNorm``, ``MultiheadAttention``,
-    ``TransformerEncoderLayer``; Hugging Face ``BertLayer`` (any BERT model or head) and
-    ``GPT2Block`` (``GPT2Model``, ``GPT2LMHeadModel``, ...). Modules of these kinds with an option
+    ``TransformerEncoderLayer``, ``TransformerDecoderLayer``; Hugging Face ``BertLayer`` (any BERT
+    model or head, encoder or decoder), ``GPT2Block`` (``GPT2Model``, ``GPT2LMHeadModel``, ...) and
+    ``BartEncoderLayer`` / ``BartDecoderLayer`` (any BART model). Modules of these kinds with an option
     the fused forward does not implement are left untouched and listed in ``report.skipped``.
     ``backend`` is remembered by the converted modules (None: chosen at each call by
     ``use_backend`` / ``FUSEDFORMER_BACKEND`` / automatically). Converting an already converted

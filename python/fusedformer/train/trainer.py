@@ -4,11 +4,11 @@ What one optimizer step does
 ----------------------------
 1. Take the step's global batch (:class:`~fusedformer.train.data.StepSampler`), cut it into
    ``world_size × accumulation`` micro-batches, and count the loss terms of the whole global batch
-   (all-reduced).
+   (all-reduced), per loss (mlm+nsp has two: masked tokens and sentence pairs).
 2. For each of this rank's micro-batches: forward (under bf16/fp16 autocast on a GPU if asked),
-   loss = *sum* of per-term cross-entropies × ``world_size / global_count``, backward (gradient
-   sync only on the last micro-batch). The result is the mean over the global batch, exactly as
-   if one process had seen it.
+   loss = Σ over the losses of the *sum* of per-term cross-entropies × ``world_size / global_count``,
+   backward (gradient sync only on the last micro-batch). The result is the mean over the global
+   batch (for mlm+nsp: MLM mean + NSP mean), exactly as if one process had seen it.
 3. Unscale (fp16), clip the global gradient norm, AdamW step, LR schedule step.
 
 Around it: evaluation every ``eval_every`` steps (and before the first step), a JSONL log line per
@@ -44,8 +44,8 @@ from . import distributed as distrib
 from .config import RunConfig, TrainError, atomic_write_text
 from .data import (IGNORE_INDEX, Batch, StepSampler, _mix, classification_dataset, collate, denoise_dataset,
                    lm_dataset, load_corpus, nsp_dataset)
-from .models import (apply_backend, build_model, check_backend, count_parameters, matmul_parameters,
-                     resolve_model)
+from .models import (apply_backend, build_model, check_backend, check_supported, count_parameters,
+                     matmul_parameters, resolve_model)
 from .perf import PeakMemory, gpu_peak_tflops, train_flops_per_token
 from .tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 
@@ -281,6 +281,7 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
 
     # ---- data and model -----------------------------------------------------------------------
     source = resolve_model(str(resume_from) if resume_from is not None else cfg.model)
+    check_supported(source, cfg.objective)  # before the data: a mismatch fails at once
     corpus = load_corpus(cfg.data, cfg.valid_data, cfg.text_field, cfg.label_field, cfg.max_docs)
     tok = get_tokenizer(cfg, corpus, source, resume_from)
     if cfg.objective == "classify":
