@@ -491,3 +491,37 @@ def test_from_pretrained_comes_back_fused_through_class_patching(tmp_path, monke
     # the loaded model converts and reverts like any other
     ff.revert(fused_bert)
     assert type(fused_bert.bert.encoder.layer[0]).__name__ == "BertLayer"
+
+
+def test_a_patched_in_layer_it_cannot_fuse_says_so_once_and_runs_the_original(tmp_path):
+    """A FusedBertLayer that transformers built (patch mapping) checks its parts on its first call:
+    one with a part of another class runs the original forward, announced once for the model."""
+    from transformers import BertModel
+    from transformers.monkey_patching import register_patch_mapping, unregister_patch_mapping
+    from fusedformer.integrations import hf_patch_mapping
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    plain = BertModel(BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=80, max_position_embeddings=64)).eval()
+    plain.save_pretrained(tmp_path)
+    mapping = hf_patch_mapping()
+    register_patch_mapping(mapping)
+    try:
+        fused = BertModel.from_pretrained(tmp_path).eval()
+    finally:
+        unregister_patch_mapping(list(mapping))
+    assert type(fused.encoder.layer[1]).__name__ == "FusedBertLayer"
+    dense = fused.encoder.layer[1].intermediate.dense
+    dense.__class__ = MyLinear
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = [fused(input_ids=ids).last_hidden_state for _ in range(3)]
+        want = plain(input_ids=ids).last_hidden_state
+    msgs = [str(w.message) for w in record if "fusedformer" in str(w.message)]
+    assert len(msgs) == 1 and "intermediate.dense is a" in msgs[0] and "MyLinear, not nn.Linear" in msgs[0], msgs
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
