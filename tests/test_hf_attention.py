@@ -290,18 +290,22 @@ def test_generate_with_kv_cache_matches_sdpa(backend, family, cache, attention_c
     assert len(attention_calls) == layers * 7, f"{len(attention_calls)} fused attention calls for 7 steps"
 
 
-def test_converted_gpt2_with_fusedformer_attention_generates_like_the_original(backend, no_fallback_warnings):
-    """convert(model, attn_implementation="fusedformer"): the GPT-2 blocks fused, the model's
-    implementation switched; left-padded generate() gives the original's tokens; revert restores."""
+@pytest.mark.parametrize("attn,cache", [(None, "static"), ("fusedformer", "dynamic"), ("fusedformer", "static")])
+def test_converted_gpt2_generates_like_the_original(backend, attn, cache, no_fallback_warnings):
+    """A converted GPT-2 (blocks fused; with attn_implementation="fusedformer" the model's
+    implementation switched too): left-padded generate() with the dynamic or static cache gives the
+    original's tokens, no fallback; revert restores the original classes and implementation."""
     device = model_backend(backend, (attention_op, layer_norm_op, gelu_ffn_op))
     model = tiny_gpt2("sdpa", seed=5)
     conv = copy.deepcopy(model)
-    report = ff.convert(conv, backend=backend, attn_implementation="fusedformer")
-    assert conv.config._attn_implementation == "fusedformer"
+    report = ff.convert(conv, backend=backend, attn_implementation=attn)
+    assert conv.config._attn_implementation == (attn or "sdpa")
     assert "transformer.h.0" in report.converted and report.skipped == []
-    assert any("'sdpa' -> 'fusedformer'" in note for _, note in report.notes)
+    if attn:
+        assert any("'sdpa' -> 'fusedformer'" in note for _, note in report.notes)
     prompt = left_padded(seed=7, S=6, vocab=100, low=0)
-    kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kw = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              cache_implementation=cache)
     with torch.no_grad():
         want = model.generate(**prompt, **kw)
         got = conv.to(device).generate(**{k: v.to(device) for k, v in prompt.items()}, **kw)
