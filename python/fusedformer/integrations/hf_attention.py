@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..nn._base import check_backend
 from ..ops.attention import attention
+from . import hf_common
 
 NAME = "fusedformer"
 
@@ -51,17 +52,14 @@ def register_hf() -> str:
     with ``AttentionMaskInterface``) and return the name, for
     ``AutoModel*.from_pretrained(..., attn_implementation=register_hf())``. Idempotent."""
     try:
-        import transformers
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as exc:
         raise ImportError("fusedformer.integrations.register_hf needs transformers >= 5 with its attention "
                           "interface (pip install 'fusedformer[hf]')") from exc
-    from . import hf_common
     why = hf_common.transformers_version_reason()
     if why:
         raise ImportError(f"fusedformer.integrations.register_hf: {why}")
-    del transformers
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
@@ -99,8 +97,7 @@ def backend_for(module) -> Optional[str]:
 # the attention function
 # ------------------------------------------------------------------------------------------------
 def _refuse(module, kwargs: dict) -> None:
-    from .hf_common import UNHONOURED_ATTENTION_KWARGS
-    for name, what in UNHONOURED_ATTENTION_KWARGS.items():
+    for name, what in hf_common.UNHONOURED_ATTENTION_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f'attn_implementation="fusedformer": {type(module).__name__} passed {name}= '
                              f"({what}), which fusedformer.attention does not compute; load this model with "
@@ -154,10 +151,8 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     out = attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
                     enable_gqa=k.shape[1] != H, backend=backend_for(module))
     weights = None
-    from .hf_common import attentions_requested
-    if attentions_requested(kwargs):
-        from .hf_common import _FALLBACKS_WARNED
-        if _FALLBACKS_WARNED.first(getattr(module, "config", None), ("attention_forward", "probabilities")):
+    if hf_common.attentions_requested(kwargs):
+        if hf_common.FALLBACKS_WARNED.first(getattr(module, "config", None), ("attention_forward", "probabilities")):
             warnings.warn('fusedformer: attn_implementation="fusedformer" with output_attentions: the fused '
                           "kernel never forms the attention probabilities; they are computed a second time in "
                           "plain PyTorch (before dropout) (said once for this model)", RuntimeWarning,

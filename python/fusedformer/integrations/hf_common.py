@@ -124,7 +124,7 @@ class _OncePerOwner:
         return True
 
 
-_FALLBACKS_WARNED = _OncePerOwner()
+FALLBACKS_WARNED = _OncePerOwner()
 
 
 def layer_config(layer):
@@ -140,7 +140,7 @@ def warn_fallback(layer, why: str, config=None) -> None:
     """Announce that ``layer`` runs its original forward, once per reason per model (the model is
     known by ``config``, default: the config the layer's parts hold)."""
     config = layer_config(layer) if config is None else config
-    if _FALLBACKS_WARNED.first(config, (type(layer).__name__, why)):
+    if FALLBACKS_WARNED.first(config, (type(layer).__name__, why)):
         warnings.warn(f"fusedformer: {type(layer).__name__}: {why}; running the original (unfused) forward "
                       "(said once per reason for this model)", RuntimeWarning, stacklevel=3)
 
