@@ -143,7 +143,7 @@ def test_attention_function_refuses_what_it_does_not_compute():
     q = torch.randn(1, 2, 3, 8)
     module = _Module(1)
     for name, value in (("softcap", 30.0), ("position_bias", torch.zeros(1, 2, 3, 3)), ("s_aux", torch.zeros(2))):
-        with pytest.raises(ValueError, match=f"{name}=.*sdpa"):
+        with pytest.raises(ValueError, match=f"{name}=.*attn_implementation=\"eager\""):
             hf_attention.attention_forward(module, q, q, q, None, **{name: value})
     with pytest.raises(TypeError, match="attention_mask of type"):
         hf_attention.attention_forward(module, q, q, q, [[1, 0]])
@@ -529,3 +529,53 @@ def test_a_patched_in_layer_it_cannot_fuse_says_so_once_and_runs_the_original(tm
     assert len(msgs) == 1 and "intermediate.dense is a" in msgs[0] and "MyLinear, not nn.Linear" in msgs[0], msgs
     for g in got:
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# more families: whatever is written against the attention interface
+# ------------------------------------------------------------------------------------------------
+FAMILIES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+            "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+            "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4,
+                                                                 "query_pre_attn_scalar": 24})}
+
+
+def tiny_family(family, impl):
+    config_name, model_name, kw = FAMILIES[family]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    config = getattr(transformers, config_name)(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        attn_implementation=impl, **kw)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_more_families_match_sdpa(family, attention_calls, no_fallback_warnings):
+    """Qwen2, Phi-3, Gemma 3 (sliding-window layers, its own query scaling): logits by the 2x rule
+    and greedy left-padded generate() tokens against sdpa, on the backend dispatch picks."""
+    sdpa, fused = same_weights(lambda impl: tiny_family(family, impl), "sdpa", register_hf())
+    batch = left_padded()
+    with torch.no_grad():
+        ref = copy.deepcopy(sdpa).double()(**batch).logits
+        base = sdpa(**batch).logits
+        out = fused(**batch).logits
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        want, got = sdpa.generate(**batch, **kw), fused.generate(**batch, **kw)
+    tokens = batch["attention_mask"].bool()
+    assert_2x(f"{family} logits", OP, out[tokens], ref[tokens], base[tokens], torch.float32)
+    assert torch.equal(got, want)
+    assert len(attention_calls) == 2 * (1 + 5)
+
+
+def test_soft_capping_models_are_refused_by_name():
+    """Gemma 2 soft-caps its attention scores: refused with the argument's name, not computed wrong."""
+    if not hasattr(transformers, "Gemma2ForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma2ForCausalLM")
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attn_implementation=register_hf())).eval()
+    with pytest.raises(ValueError, match="Gemma2Attention passed softcap="):
+        model(input_ids=torch.tensor([[3, 4, 5]]))

@@ -29,7 +29,7 @@ What the attention does with the call:
 
 Refused with an error naming the argument (no silent fallback): ``softcap``, attention sinks
 (``s_aux`` / ``sinks``), ``position_bias`` (learned relative attention biases) and head masks —
-use ``"sdpa"`` or ``"eager"`` for such models.
+use ``"eager"`` (the model's own code) for such models.
 """
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def _refuse(module, kwargs: dict) -> None:
     for name, what in hf_common.UNHONOURED_ATTENTION_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f'attn_implementation="fusedformer": {type(module).__name__} passed {name}= '
-                             f"({what}), which fusedformer.attention does not compute; load this model with "
-                             'attn_implementation="sdpa" or "eager"')
+                             f"({what}), which fusedformer.attention does not compute; load this model with an "
+                             'implementation that does (attn_implementation="eager", the model\'s own code)')
 
 
 def _window_mask(sliding_window: int, q_len: int, k_len: int, device) -> Tensor:
