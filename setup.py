@@ -7,7 +7,7 @@ What gets compiled is decided here and recorded in ``fusedformer/_build_info.jso
 * CUDA sources (``csrc/**/*.cu``) additionally when torch is a CUDA build and nvcc is found —
   also on machines without a GPU, so CI compiles and links every kernel.
 
-Environment knobs: ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``), ``MAX_JOBS`` (parallel
+Environment knobs: ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``), ``MAX_JOBS`` (parallel
 compile jobs, read by torch's ninja builder), ``FUSEDFORMER_NO_CUDA=1`` / ``FUSEDFORMER_NO_NATIVE=1``
 to leave those parts out on purpose.
 
@@ -25,7 +25,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # PTX of the newest: GPUs after sm_90 JIT it instead of "no kernel image"
 
 
 def _log(msg):

@@ -52,6 +52,11 @@ else:
     if os.environ.get("FUSEDFORMER_REQUIRE_CUDA_BUILD") == "1" and not archs:
         raise SystemExit("no GPU code found in fusedformer._C")
 PY
+# Compiler facts of that GPU code: PTX embedded, no kernel with a stack frame or local memory
+# (scripts/check_cubins.py; only where CUDA kernels were built).
+if $PY -c "import json, os, fusedformer as f; exit(not json.load(open(os.path.join(os.path.dirname(f.__file__), '_build_info.json'))).get('cuda'))"; then
+  $PY scripts/check_cubins.py
+fi
 
 # C++ tests: Philox known answers and the CPU kernels called directly, under AddressSanitizer.
 cmake -S . -B build/ctest -DPython_EXECUTABLE="$(command -v $PY)" -DFF_SANITIZE=address > build-ctest.log 2>&1 \

@@ -232,20 +232,7 @@ __device__ __forceinline__ Slice make_slice(const Problem& pb, int64_t b, int64_
   return s;
 }
 
-__device__ __forceinline__ uint32_t philox_word(const Philox4& r, uint32_t k) {
-  return k == 0 ? r.w[0] : k == 1 ? r.w[1] : k == 2 ? r.w[2] : r.w[3];
-}
-
-// The dropout multipliers of elements n and n + 1 (attention.h's element index): one Philox
-// block, or two when the pair straddles a block boundary.
-__device__ __forceinline__ void dropout_pair(const DropoutParams& d, uint64_t n, float& z0, float& z1) {
-  const uint32_t w = static_cast<uint32_t>((d.offset + n) & 3);
-  const Philox4 r = philox_block(d, n);
-  const uint32_t r0 = philox_word(r, w);
-  const uint32_t r1 = w == 3 ? philox_block(d, n + 1).w[0] : philox_word(r, w + 1);
-  z0 = r0 >= d.threshold ? d.scale : 0.f;
-  z1 = r1 >= d.threshold ? d.scale : 0.f;
-}
+// Dropout: dropout_multiplier / dropout_pair (common/philox.h), the one definition of the mask.
 
 // The K / V pipeline of the forward and dQ kernels (double buffer, tile `it` of `ntiles` in
 // buffer it & 1): start the copies of tile it + 1 into the other buffer, then wait until tile

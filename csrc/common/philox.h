@@ -71,11 +71,27 @@ FF_HOST_DEVICE Philox4 philox_block(const DropoutParams& d, uint64_t i) {
                        static_cast<uint32_t>(d.seed), static_cast<uint32_t>(d.seed >> 32));
 }
 
+// Word k (0..3) of a Philox block, selected without indexing the array at run time: on a GPU a
+// run-time index puts the block in local memory (a stack frame in every kernel that draws).
+FF_HOST_DEVICE uint32_t philox_word(const Philox4& b, uint32_t k) {
+  return k == 0 ? b.w[0] : k == 1 ? b.w[1] : k == 2 ? b.w[2] : b.w[3];
+}
+
 // The dropout multiplier of logical element n: 0 or 1 / (1 - p).
 FF_HOST_DEVICE float dropout_multiplier(const DropoutParams& d, uint64_t n) {
   const Philox4 b = philox_block(d, n);
-  const uint32_t r = b.w[(d.offset + n) & 3];
-  return r >= d.threshold ? d.scale : 0.f;
+  return philox_word(b, static_cast<uint32_t>((d.offset + n) & 3)) >= d.threshold ? d.scale : 0.f;
+}
+
+// The multipliers of logical elements n and n + 1 (the same values as dropout_multiplier(d, n)
+// and (d, n + 1)): one Philox block, or two when the pair straddles a block boundary.
+FF_HOST_DEVICE void dropout_pair(const DropoutParams& d, uint64_t n, float& z0, float& z1) {
+  const uint32_t k = static_cast<uint32_t>((d.offset + n) & 3);
+  const Philox4 b = philox_block(d, n);
+  const uint32_t r0 = philox_word(b, k);
+  const uint32_t r1 = k == 3 ? philox_block(d, n + 1).w[0] : philox_word(b, k + 1);
+  z0 = r0 >= d.threshold ? d.scale : 0.f;
+  z1 = r1 >= d.threshold ? d.scale : 0.f;
 }
 
 // Build DropoutParams from the op-level arguments (p in [0, 1)).

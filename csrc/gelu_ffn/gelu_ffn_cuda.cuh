@@ -122,20 +122,7 @@ __device__ __forceinline__ void gelu_and_grad(float u, bool tanh_approx, float& 
   }
 }
 
-// Word k of a Philox block, selected without a dynamically indexed (local-memory) array.
-__device__ __forceinline__ uint32_t philox_word(const Philox4& b, uint64_t k) {
-  return k == 0 ? b.w[0] : k == 1 ? b.w[1] : k == 2 ? b.w[2] : b.w[3];
-}
-
-// Dropout multipliers of logical elements n and n + 1 (one Philox block when they share one);
-// the same values as dropout_multiplier(d, n) and (d, n + 1).
-__device__ __forceinline__ void dropout_pair(const DropoutParams& d, uint64_t n, float& z0, float& z1) {
-  const uint64_t k = (d.offset + n) & 3;
-  const Philox4 b = philox_block(d, n);
-  const Philox4 b1 = k == 3 ? philox_block(d, n + 1) : b;
-  z0 = philox_word(b, k) >= d.threshold ? d.scale : 0.f;
-  z1 = philox_word(b1, (k + 1) & 3) >= d.threshold ? d.scale : 0.f;
-}
+// Dropout: dropout_pair / dropout_multiplier (common/philox.h).
 
 // ---------------------------------------------------------------------------------------------
 // Tile configurations
