@@ -7,7 +7,7 @@ feed-forward of this form (its MLP kernels are the gated GEGLU / SwiGLU), so it 
 Sweep:
   models  the feed-forward blocks of BERT-base (768 -> 3072, erf GELU), BERT-large (1024 -> 4096, erf)
           and GPT-2 small / medium / large (768 / 1024 / 1280 wide, x4, tanh GELU) on 8192 tokens
-          (--quick: BERT-base, BERT-large and GPT-2 small on 256 tokens).
+          (--quick: MiniLM (384 -> 1536, erf), BERT-base, BERT-large and GPT-2 small on 256 tokens).
 
 TFLOP/s counts the two GEMMs: 2*M*C*F each forward, twice that backward.
 """
@@ -24,6 +24,7 @@ OP = "gelu_ffn"
 SEED = 1234
 
 MODELS = {  # name: (C, F, approximate)
+    "minilm": (384, 1536, "none"),
     "bert-base": (768, 3072, "none"),
     "bert-large": (1024, 4096, "none"),
     "gpt2-small": (768, 3072, "tanh"),
@@ -34,7 +35,7 @@ MODELS = {  # name: (C, F, approximate)
 
 def cases(size: str, device: torch.device) -> list[common.Case]:
     if size == "quick":
-        names, M = ("bert-base", "bert-large", "gpt2-small"), 256
+        names, M = ("minilm", "bert-base", "bert-large", "gpt2-small"), 256
     else:
         names, M = tuple(MODELS), 8192
     out = []

@@ -489,6 +489,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_flags() -> str:
+    """For every CPU row: torch's CPU capability, the bf16 / AMX flags, and the GEMMs the cpu
+    backend's bfloat16 inputs take because of them (fusedformer.cpu_caps), so that rows from CPUs
+    with and without bf16 instructions are never read as one machine's."""
+    from fusedformer import cpu_caps
+    caps = cpu_caps.capabilities()
+    flags = ", ".join(f"{f} {'yes' if caps[f] else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
+    paths = ", ".join(f"{op} {'bf16' if cpu_caps.bf16_gemm_path(op)[0] else 'float32'}" for op in cpu_caps.GEMM_OPS)
+    return f"{caps['isa']}, {flags}; cpu bf16 GEMMs: {paths}"
+
+
 def _git_sha() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -528,7 +539,7 @@ def environment(device: torch.device, heap_kept: bool = False) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_model()} ({torch.get_num_threads()} threads{', heap kept' if heap_kept else ''})"
+        name = f"{_cpu_model()} ({torch.get_num_threads()} threads{', heap kept' if heap_kept else ''}; {_cpu_flags()})"
     try:
         import triton
         triton_version = triton.__version__

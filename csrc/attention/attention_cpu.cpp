@@ -22,8 +22,12 @@
 // tile GEMM takes tens of microseconds; at::addmm_ on views of the tiles where torch has no MKL),
 // one thread each inside the parallel region. The element-wise passes are plain loops that GCC
 // vectorizes (`omp simd`, multi-versioned by FF_CPU_CLONES), with a polynomial exp.
-// bfloat16 / float16 inputs are converted to float32 once (O(S D) memory) and the outputs rounded
-// once at the end; the additive mask is read in its own dtype, row by row, through its strides.
+// Low precision (common/cpu_gemm.h decides, once per process): bfloat16 inputs on a CPU whose
+// bf16 tile GEMMs measure fast (avx512_bf16 / amx_bf16) are read in place by MKL's
+// gemm_bf16bf16f32 — scores, softmax and accumulators in float32, P and dS rounded to bfloat16 as
+// GEMM operands; otherwise bfloat16 / float16 inputs are converted to float32 once (O(S D) memory).
+// Either way the outputs are rounded once at the end; the additive mask is read in its own dtype,
+// row by row, through its strides.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -33,10 +37,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention/attention.h"
 #include "common/cpu.h"
+#include "common/cpu_gemm.h"
 #include "common/cpu_kernels.h"
 
 namespace ff::attention {
@@ -44,6 +50,9 @@ namespace {
 
 using ff::cpu::dropout_row;
 using ff::cpu::exp_f32;
+using ff::cpu::f32_to_bf16;
+using ff::cpu::load_elem;
+using BF16 = c10::BFloat16;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -89,6 +98,12 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   const at::Tensor Bm = trans_b ? view(b, n, k, ldb).t() : view(b, k, n, ldb);
   at::Tensor C = view(c, m, n, ldc);
   C.addmm_(A, Bm, beta, alpha);
+}
+
+// The same with bfloat16 A and B (float32 C): MKL's gemm_bf16bf16f32.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const BF16* a, int64_t lda,
+          const BF16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  ff::cpu::gemm_bf16_f32(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,6 +168,13 @@ FF_CPU_CLONES float row_dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+FF_CPU_CLONES float row_dot(const BF16* a, const BF16* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += load_elem(a, j) * load_elem(b, j);
   return s;
 }
 
@@ -236,8 +258,22 @@ struct TileMask {
   }
 };
 
-const float* f32(const Strided4& t, int64_t b, int64_t h, int64_t s) {
-  return static_cast<const float*>(t.ptr) + b * t.stride_b + h * t.stride_h + s * t.stride_s;
+// Row s of (b, h) of a GEMM operand of element type T (float32, or bfloat16 read in place).
+template <typename T>
+const T* row_of(const Strided4& t, int64_t b, int64_t h, int64_t s) {
+  return static_cast<const T*>(t.ptr) + b * t.stride_b + h * t.stride_h + s * t.stride_s;
+}
+
+// A float32 tile (mq rows of n, row stride ld) as a GEMM operand of type T: itself for float32;
+// for bfloat16, rounded into `low` (same layout).
+template <typename T>
+const T* tile_operand(const float* tile, std::vector<BF16>& low, int64_t mq, int64_t n, int64_t ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    return tile;
+  } else {
+    for (int64_t i = 0; i < mq; ++i) f32_to_bf16(tile + i * ld, low.data() + i * ld, n);
+    return low.data();
+  }
 }
 float* f32_mut(const Strided4& t, int64_t b, int64_t h, int64_t s) {
   return static_cast<float*>(t.ptr) + b * t.stride_b + h * t.stride_h + s * t.stride_s;
@@ -255,13 +291,15 @@ Tiles forward_tiles(const Problem& pb) { return {std::min<int64_t>(pb.Sq, 128), 
 Tiles backward_tiles(const Problem& pb) { return {std::min<int64_t>(pb.Sq, 64), std::min<int64_t>(pb.Sk, 256)}; }
 
 // ---------------------------------------------------------------------------------------------
-// forward (float32 q, k, v, out)
+// forward (q, k, v of type T: float32, or bfloat16 with bf16 tile GEMMs; float32 out)
 // ---------------------------------------------------------------------------------------------
 struct FwdScratch {
   std::vector<float> s, acc, m, l, kbias, z;
+  std::vector<BF16> p_low;  // P rounded for the P V GEMM (bfloat16 only)
 };
 
-void forward_f32(const FwdParams& p) {
+template <typename T>
+void forward_tiles(const FwdParams& p) {
   const Problem& pb = p.pb;
   const int64_t H = pb.H, Sq = pb.Sq, Sk = pb.Sk, D = pb.D, Dv = pb.Dv, group = pb.H / pb.Hk;
   const auto [BQ, BK] = forward_tiles(pb);
@@ -275,6 +313,7 @@ void forward_f32(const FwdParams& p) {
     w.l.resize(BQ);
     w.kbias.resize(BK);
     w.z.resize(pb.dropout.enabled ? BK : 0);
+    w.p_low.resize(std::is_same_v<T, float> ? 0 : BQ * BK);
     return w;
   };
 
@@ -284,7 +323,7 @@ void forward_f32(const FwdParams& p) {
     const int64_t b = bh / H, h = bh % H, hk = h / group;
     const int64_t q0 = qb * BQ, mq = std::min(BQ, Sq - q0);
     const TileMask mask{pb, b, h};
-    const float* Q = f32(pb.q, b, h, q0);
+    const T* Q = row_of<T>(pb.q, b, h, q0);
     std::fill(w.acc.begin(), w.acc.begin() + mq * Dv, 0.f);
     std::fill(w.m.begin(), w.m.end(), kNegInf);
     std::fill(w.l.begin(), w.l.end(), 0.f);
@@ -294,7 +333,7 @@ void forward_f32(const FwdParams& p) {
       const int64_t nk = std::min(BK, kend - k0);
       if (!mask.key_bias(k0, nk, w.kbias.data())) continue;
       float* s = w.s.data();
-      gemm(false, true, mq, nk, D, pb.scale, Q, pb.q.stride_s, f32(pb.k, b, hk, k0), pb.k.stride_s, 0.f, s, BK);
+      gemm(false, true, mq, nk, D, pb.scale, Q, pb.q.stride_s, row_of<T>(pb.k, b, hk, k0), pb.k.stride_s, 0.f, s, BK);
       mask.apply(s, BK, q0, mq, k0, nk, w.kbias.data());
       for (int64_t i = 0; i < mq; ++i) {
         float* row = s + i * BK;
@@ -314,7 +353,8 @@ void forward_f32(const FwdParams& p) {
           row_mul(row, w.z.data(), row, nk);
         }
       }
-      gemm(false, false, mq, Dv, nk, 1.f, s, BK, f32(pb.v, b, hk, k0), pb.v.stride_s, 1.f, w.acc.data(), Dv);
+      const T* P = tile_operand<T>(s, w.p_low, mq, nk, BK);
+      gemm(false, false, mq, Dv, nk, 1.f, P, BK, row_of<T>(pb.v, b, hk, k0), pb.v.stride_s, 1.f, w.acc.data(), Dv);
     }
 
     float* lse = p.lse + (b * H + h) * Sq + q0;
@@ -327,13 +367,15 @@ void forward_f32(const FwdParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// backward (float32 q, k, v, dout, out, dq, dk, dv)
+// backward (q, k, v, dout, out of type T as in the forward; float32 dq, dk, dv)
 // ---------------------------------------------------------------------------------------------
 struct BwdScratch {
   std::vector<float> p, dp, pz, dk, dv, kbias, z;
+  std::vector<BF16> pz_low, ds_low;  // P Z and dS rounded for their GEMMs (bfloat16 only)
 };
 
-void backward_f32(const BwdParams& p) {
+template <typename T>
+void backward_tiles(const BwdParams& p) {
   const Problem& pb = p.pb;
   const int64_t B = pb.B, H = pb.H, Hk = pb.Hk, Sq = pb.Sq, Sk = pb.Sk, D = pb.D, Dv = pb.Dv;
   const int64_t group = H / Hk;
@@ -346,7 +388,7 @@ void backward_f32(const BwdParams& p) {
   at::parallel_for(0, B * H * Sq, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r % Sq, bh = r / Sq;
-      delta[r] = row_dot(f32(p.dout, bh / H, bh % H, i), f32(p.out, bh / H, bh % H, i), Dv);
+      delta[r] = row_dot(row_of<T>(p.dout, bh / H, bh % H, i), row_of<T>(p.out, bh / H, bh % H, i), Dv);
     }
   });
 
@@ -365,6 +407,8 @@ void backward_f32(const BwdParams& p) {
     w.dv.resize(BK * Dv);
     w.kbias.resize(BK);
     w.z.resize(pb.dropout.enabled ? BK : 0);
+    w.pz_low.resize(std::is_same_v<T, float> ? 0 : BQ * BK);
+    w.ds_low.resize(std::is_same_v<T, float> ? 0 : BQ * BK);
     return w;
   };
 
@@ -374,8 +418,8 @@ void backward_f32(const BwdParams& p) {
     float* dq_chunk = dq_part + chunk * B * H * Sq * D;
     for (int64_t kb = chunk; kb < nkb; kb += chunks) {
       const int64_t k0 = kb * BK, nk = std::min(BK, Sk - k0);
-      const float* K = f32(pb.k, b, hk, k0);
-      const float* V = f32(pb.v, b, hk, k0);
+      const T* K = row_of<T>(pb.k, b, hk, k0);
+      const T* V = row_of<T>(pb.v, b, hk, k0);
       std::fill(w.dk.begin(), w.dk.end(), 0.f);
       std::fill(w.dv.begin(), w.dv.end(), 0.f);
       const bool visible = TileMask{pb, b, 0}.key_bias(k0, nk, w.kbias.data());
@@ -384,8 +428,8 @@ void backward_f32(const BwdParams& p) {
         const int64_t qstart = pb.causal ? (k0 / BQ) * BQ : 0;  // rows before k0 see none of these keys
         for (int64_t q0 = qstart; q0 < Sq; q0 += BQ) {
           const int64_t mq = std::min(BQ, Sq - q0);
-          const float* Q = f32(pb.q, b, h, q0);
-          const float* dO = f32(p.dout, b, h, q0);
+          const T* Q = row_of<T>(pb.q, b, h, q0);
+          const T* dO = row_of<T>(p.dout, b, h, q0);
           const float* lse = p.lse + (b * H + h) * Sq + q0;
           const float* dlt = delta.data() + (b * H + h) * Sq + q0;
           float* P = w.p.data();
@@ -407,10 +451,12 @@ void backward_f32(const BwdParams& p) {
             }
             PZ = w.pz.data();
           }
-          gemm(true, false, nk, Dv, mq, 1.f, PZ, BK, dO, p.dout.stride_s, 1.f, w.dv.data(), Dv);
+          gemm(true, false, nk, Dv, mq, 1.f, tile_operand<T>(PZ, w.pz_low, mq, nk, BK), BK, dO, p.dout.stride_s,
+               1.f, w.dv.data(), Dv);
           for (int64_t i = 0; i < mq; ++i) row_dsoftmax(dP + i * BK, P + i * BK, dlt[i], nk);
-          gemm(true, false, nk, D, mq, scale, dP, BK, Q, pb.q.stride_s, 1.f, w.dk.data(), D);
-          gemm(false, false, mq, D, nk, scale, dP, BK, K, pb.k.stride_s, 1.f,
+          const T* dS = tile_operand<T>(dP, w.ds_low, mq, nk, BK);
+          gemm(true, false, nk, D, mq, scale, dS, BK, Q, pb.q.stride_s, 1.f, w.dk.data(), D);
+          gemm(false, false, mq, D, nk, scale, dS, BK, K, pb.k.stride_s, 1.f,
                dq_chunk + ((b * H + h) * Sq + q0) * D, D);
         }
       }
@@ -449,8 +495,17 @@ at::Tensor to_f32(const Strided4& t, int64_t d0, int64_t d1, int64_t d2, int64_t
 
 void fwd_cpu(const FwdParams& p) {
   const Problem& pb = p.pb;
-  if (pb.dtype == c10::kFloat) return forward_f32(p);
+  if (pb.dtype == c10::kFloat) return forward_tiles<float>(p);
   TORCH_CHECK_TYPE(pb.dtype == c10::kBFloat16 || pb.dtype == c10::kHalf, "attention: unsupported dtype ", pb.dtype);
+  if (pb.dtype == c10::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kAttention)) {
+    // q, k, v read in place; out accumulated in float32 and rounded once.
+    at::Tensor out = at::empty({pb.B, pb.H, pb.Sq, pb.Dv}, at::TensorOptions().dtype(at::kFloat));
+    FwdParams f = p;
+    f.out = strided(out);
+    forward_tiles<BF16>(f);
+    wrap(p.out, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype).copy_(out);
+    return;
+  }
   const at::Tensor q = to_f32(pb.q, pb.B, pb.H, pb.Sq, pb.D, pb.dtype);
   const at::Tensor k = to_f32(pb.k, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype);
   const at::Tensor v = to_f32(pb.v, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype);
@@ -460,15 +515,30 @@ void fwd_cpu(const FwdParams& p) {
   f.pb.k = strided(k);
   f.pb.v = strided(v);
   f.out = strided(out);
-  forward_f32(f);
+  forward_tiles<float>(f);
   wrap(p.out, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype).copy_(out);
 }
 
 void bwd_cpu(const BwdParams& p) {
   const Problem& pb = p.pb;
-  if (pb.dtype == c10::kFloat) return backward_f32(p);
+  if (pb.dtype == c10::kFloat) return backward_tiles<float>(p);
   TORCH_CHECK_TYPE(pb.dtype == c10::kBFloat16 || pb.dtype == c10::kHalf, "attention: unsupported dtype ", pb.dtype);
   const auto opts = at::TensorOptions().dtype(at::kFloat);
+  if (pb.dtype == c10::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kAttention)) {
+    // q, k, v, dout, out read in place; dq, dk, dv accumulated in float32 and rounded once.
+    at::Tensor dq = at::empty({pb.B, pb.H, pb.Sq, pb.D}, opts);
+    at::Tensor dk = at::empty({pb.B, pb.Hk, pb.Sk, pb.D}, opts);
+    at::Tensor dv = at::empty({pb.B, pb.Hk, pb.Sk, pb.Dv}, opts);
+    BwdParams f = p;
+    f.dq = strided(dq);
+    f.dk = strided(dk);
+    f.dv = strided(dv);
+    backward_tiles<BF16>(f);
+    wrap(p.dq, pb.B, pb.H, pb.Sq, pb.D, pb.dtype).copy_(dq);
+    wrap(p.dk, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype).copy_(dk);
+    wrap(p.dv, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype).copy_(dv);
+    return;
+  }
   const at::Tensor q = to_f32(pb.q, pb.B, pb.H, pb.Sq, pb.D, pb.dtype);
   const at::Tensor k = to_f32(pb.k, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype);
   const at::Tensor v = to_f32(pb.v, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype);
@@ -486,7 +556,7 @@ void bwd_cpu(const BwdParams& p) {
   f.dq = strided(dq);
   f.dk = strided(dk);
   f.dv = strided(dv);
-  backward_f32(f);
+  backward_tiles<float>(f);
   wrap(p.dq, pb.B, pb.H, pb.Sq, pb.D, pb.dtype).copy_(dq);
   wrap(p.dk, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype).copy_(dk);
   wrap(p.dv, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype).copy_(dv);

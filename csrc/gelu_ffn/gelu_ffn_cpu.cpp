@@ -21,7 +21,13 @@
 // gradients accumulated over blocks) so that g / dg scratch stays bounded; R is large because
 // every GEMM call re-packs its weight operand.
 //
-// bfloat16 / float16 run the float32 code on float32 copies, outputs rounded once (see fwd_cpu).
+// Low precision, by what the CPU can do (common/cpu_gemm.h decides, once per process):
+//  * bfloat16 where the CPU has bf16 dot-product instructions (avx512_bf16 / amx_bf16): the GEMMs
+//    take the bfloat16 tensors (at::mm / at::addmm: oneDNN, float32 accumulation, outputs rounded
+//    to bfloat16 as F.linear's are), the passes between them convert rows to float32 and back;
+//    pre, g, dz and dpre are bfloat16, at the points where eager PyTorch rounds them;
+//  * bfloat16 elsewhere, and float16 everywhere: the float32 code on float32 copies, outputs
+//    rounded once (see fwd_cpu).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -32,14 +38,18 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/cpu_gemm.h"
 #include "common/cpu_kernels.h"
 #include "gelu_ffn/gelu_ffn.h"
 
 namespace ff::gelu_ffn {
 namespace {
 
+using ff::cpu::bf16_to_f32;
 using ff::cpu::dropout_row;
 using ff::cpu::exp_f32;
+using ff::cpu::f32_to_bf16;
+using BF16 = c10::BFloat16;
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
@@ -153,8 +163,8 @@ FF_CPU_CLONES void scale_row(const float* x, const float* z, float* out, int64_t
 // Rows per block. Each GEMM call re-packs its weight operand (F x C floats), which costs about
 // 50 / R of the GEMM itself, so blocks are large: the block exists to bound the scratch memory
 // (g and dg are R x F, about 32 MiB at most) for long inputs, not to fit a cache.
-int64_t block_rows(int64_t M, int64_t F) {
-  const int64_t by_memory = (int64_t{8} << 20) / F;  // R x F floats <= 32 MiB
+int64_t block_rows(int64_t M, int64_t F, int64_t elem_bytes = sizeof(float)) {
+  const int64_t by_memory = (int64_t{32} << 20) / elem_bytes / F;  // R x F elements <= 32 MiB
   return std::min<int64_t>(M, std::max<int64_t>(1024, by_memory));
 }
 
@@ -172,12 +182,13 @@ const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<
 // is the same size call after call, so it is kept. Larger requests are allocated per call.
 constexpr int64_t kKeptScratchBytes = int64_t{64} << 20;
 
-at::Tensor scratch(int64_t floats) {
-  thread_local at::Tensor kept;
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  if (floats * static_cast<int64_t>(sizeof(float)) > kKeptScratchBytes) return at::empty({floats}, opts);
-  if (!kept.defined() || kept.numel() < floats) kept = at::empty({floats}, opts);
-  return kept.narrow(0, 0, floats);
+at::Tensor scratch(int64_t n, at::ScalarType dtype = at::kFloat) {
+  thread_local at::Tensor kept_f32, kept_bf16;
+  at::Tensor& kept = dtype == at::kFloat ? kept_f32 : kept_bf16;
+  const auto opts = at::TensorOptions().dtype(dtype);
+  if (n * static_cast<int64_t>(c10::elementSize(dtype)) > kKeptScratchBytes) return at::empty({n}, opts);
+  if (!kept.defined() || kept.numel() < n) kept = at::empty({n}, opts);
+  return kept.narrow(0, 0, n);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -282,6 +293,130 @@ void backward_f32(const BwdArgs& a) {
   if (!db2.empty()) std::copy(db2.begin(), db2.end(), a.db2.data_ptr<float>());
 }
 
+// ---------------------------------------------------------------------------------------------
+// bfloat16 with bfloat16 GEMMs (CPUs with bf16 dot-product instructions; forced anywhere for tests)
+// ---------------------------------------------------------------------------------------------
+// The GEMMs are torch's on the bfloat16 tensors: at::addmm puts the bias into the GEMM (one
+// rounding, as F.linear), at::mm_out / addmm_ write straight into the outputs. The element-wise
+// passes read bfloat16 rows into float32 row buffers, run the float32 row functions above and round
+// once. Rounded to bfloat16 (as eager PyTorch and the reference): pre, g, y, dz, dg, dpre and the
+// weight gradients; in float32: the GELU and its derivative, the bias-gradient sums.
+
+// y = y * z for a bfloat16 row, through the float32 buffer u.
+void scale_row_bf16(BF16* y, const float* z, float* u, int64_t n) {
+  bf16_to_f32(y, u, n);
+  scale_row(u, z, u, n);
+  f32_to_bf16(u, y, n);
+}
+
+void forward_bf16(const FwdArgs& a) {
+  const int64_t M = a.x.size(0), F = a.w1.size(0), C2 = a.w2.size(0);
+  const int64_t R = block_rows(M, F, sizeof(BF16));
+  at::Tensor g = scratch(R * F, at::kBFloat16).view({R, F});
+  const at::Tensor w1t = a.w1.t(), w2t = a.w2.t();
+
+  for (int64_t r0 = 0; r0 < M; r0 += R) {
+    const int64_t rows = std::min(R, M - r0);
+    at::Tensor pre_b = a.pre.narrow(0, r0, rows), g_b = g.narrow(0, 0, rows), y_b = a.y.narrow(0, r0, rows);
+    const at::Tensor x_b = a.x.narrow(0, r0, rows);
+    if (a.b1.defined()) at::addmm_out(pre_b, a.b1, x_b, w1t);
+    else at::mm_out(pre_b, x_b, w1t);
+    const BF16* pre_p = pre_b.data_ptr<BF16>();
+    BF16* g_p = g_b.data_ptr<BF16>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
+      std::vector<float> u(F), gv(F);
+      for (int64_t i = i0; i < i1; ++i) {
+        bf16_to_f32(pre_p + i * F, u.data(), F);
+        bias_gelu_row(u.data(), nullptr, gv.data(), F, a.tanh);
+        f32_to_bf16(gv.data(), g_p + i * F, F);
+      }
+    });
+    if (a.b2.defined()) at::addmm_out(y_b, a.b2, g_b, w2t);
+    else at::mm_out(y_b, g_b, w2t);
+    if (!a.dropout.enabled) continue;
+    BF16* y_p = y_b.data_ptr<BF16>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / C2), [&](int64_t i0, int64_t i1) {
+      std::vector<float> z(C2), u(C2);
+      for (int64_t i = i0; i < i1; ++i) {
+        dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2), z.data(), C2);
+        scale_row_bf16(y_p + i * C2, z.data(), u.data(), C2);
+      }
+    });
+  }
+}
+
+void backward_bf16(const BwdArgs& a) {
+  const int64_t M = a.x.size(0), F = a.w1.size(0), C2 = a.w2.size(0);
+  const int64_t R = block_rows(M, F, sizeof(BF16));
+  const bool dropout = a.dropout.enabled;
+  at::Tensor dz = dropout ? at::empty({R, C2}, a.dy.options()) : at::Tensor();
+  at::Tensor work = scratch(2 * R * F, at::kBFloat16);  // dg (then dpre) and g
+  at::Tensor dg = work.narrow(0, 0, R * F).view({R, F});
+  at::Tensor g = work.narrow(0, R * F, R * F).view({R, F});
+  std::vector<float> db1(a.db1.defined() ? F : 0, 0.f), db2(a.db2.defined() ? C2 : 0, 0.f);
+  at::Tensor dw1 = a.dw1, dw2 = a.dw2;
+
+  for (int64_t r0 = 0; r0 < M; r0 += R) {
+    const int64_t rows = std::min(R, M - r0);
+    const at::Tensor dy_b = a.dy.narrow(0, r0, rows);
+    const at::Tensor dz_b = dropout ? dz.narrow(0, 0, rows) : dy_b;
+    at::Tensor dg_b = dg.narrow(0, 0, rows), g_b = g.narrow(0, 0, rows);
+
+    // dz = dy * Z (rounded) and db2 += colsum(dz) (of the float32 values): columns over threads.
+    if (dropout || !db2.empty()) {
+      const BF16* dy_p = dy_b.data_ptr<BF16>();
+      BF16* dz_p = dropout ? dz_b.data_ptr<BF16>() : nullptr;
+      at::parallel_for(0, C2, column_grain(C2), [&](int64_t c0, int64_t c1) {
+        const int64_t n = c1 - c0;
+        std::vector<float> z(dropout ? n : 0), u(n);
+        for (int64_t i = 0; i < rows; ++i) {
+          bf16_to_f32(dy_p + i * C2 + c0, u.data(), n);
+          if (dropout) {
+            dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2 + c0), z.data(), n);
+            scale_row(u.data(), z.data(), u.data(), n);
+            f32_to_bf16(u.data(), dz_p + i * C2 + c0, n);
+          }
+          if (!db2.empty()) accumulate_row(db2.data() + c0, u.data(), n);
+        }
+      });
+    }
+
+    // dg = dz w2; then g = gelu(pre), dpre = dg * gelu'(pre) over dg (rounded), db1 += colsum(dpre).
+    at::mm_out(dg_b, dz_b, a.w2);
+    const BF16* pre_p = a.pre.data_ptr<BF16>() + r0 * F;
+    BF16* dg_p = dg_b.data_ptr<BF16>();
+    BF16* g_p = g_b.data_ptr<BF16>();
+    at::parallel_for(0, F, column_grain(F), [&](int64_t f0, int64_t f1) {
+      const int64_t n = f1 - f0;
+      std::vector<float> u(n), d(n), gv(n);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t at = i * F + f0;
+        bf16_to_f32(pre_p + at, u.data(), n);
+        bf16_to_f32(dg_p + at, d.data(), n);
+        gelu_bwd_row(u.data(), d.data(), gv.data(), n, a.tanh);
+        if (!db1.empty()) accumulate_row(db1.data() + f0, d.data(), n);
+        f32_to_bf16(d.data(), dg_p + at, n);
+        f32_to_bf16(gv.data(), g_p + at, n);
+      }
+    });
+
+    // dw2 += dz^T g, dw1 += dpre^T x (one rounding per row block), dx = dpre w1.
+    const at::Tensor x_b = a.x.narrow(0, r0, rows);
+    if (r0 == 0) {
+      at::mm_out(dw2, dz_b.t(), g_b);
+      at::mm_out(dw1, dg_b.t(), x_b);
+    } else {
+      dw2.addmm_(dz_b.t(), g_b);
+      dw1.addmm_(dg_b.t(), x_b);
+    }
+    at::Tensor dx_b = a.dx.narrow(0, r0, rows);
+    at::mm_out(dx_b, dg_b, a.w1);
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  if (!db1.empty()) a.db1.copy_(at::from_blob(db1.data(), {F}, f32));
+  if (!db2.empty()) a.db2.copy_(at::from_blob(db2.data(), {C2}, f32));
+}
+
 // float32 copy of a tensor (undefined stays undefined).
 at::Tensor f32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
 
@@ -294,12 +429,15 @@ void copy_out(const at::Tensor& dst, const at::Tensor& src) {
 
 }  // namespace
 
-// Low precision (bfloat16 / float16) runs the float32 kernels on float32 copies and rounds the
-// outputs once: on CPUs without bf16 / fp16 dot-product instructions torch's low-precision GEMM is
-// several times slower than its float32 one (measured: 4x for bfloat16 on the CI machine), and the
-// result is closer to the float64 reference than a low-precision GEMM chain.
+// Low precision: bfloat16 takes bf16 GEMMs where common/cpu_gemm.h says the CPU runs them fast.
+// Otherwise (and float16 always) the float32 kernels run on float32 copies and the outputs are
+// rounded once: on CPUs without bf16 / fp16 dot-product instructions torch's low-precision GEMM is
+// several times slower than its float32 one (measured: 4x for bfloat16 on an AVX-512 Xeon, 10x on
+// an AVX2 EPYC), and the result is closer to the float64 reference than a low-precision GEMM chain.
 void fwd_cpu(const FwdArgs& a) {
   if (a.x.scalar_type() == at::kFloat) return forward_f32(a);
+  if (a.x.scalar_type() == at::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kGeluFfn))
+    return forward_bf16(a);
   TORCH_CHECK_TYPE(a.x.scalar_type() == at::kBFloat16 || a.x.scalar_type() == at::kHalf,
                    "gelu_ffn: unsupported dtype ", a.x.scalar_type());
   FwdArgs f{f32(a.x), f32(a.w1), f32(a.b1), f32(a.w2), f32(a.b2), f32_like(a.y), f32_like(a.pre), a.tanh, a.dropout};
@@ -310,6 +448,8 @@ void fwd_cpu(const FwdArgs& a) {
 
 void bwd_cpu(const BwdArgs& a) {
   if (a.x.scalar_type() == at::kFloat) return backward_f32(a);
+  if (a.x.scalar_type() == at::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kGeluFfn))
+    return backward_bf16(a);
   TORCH_CHECK_TYPE(a.x.scalar_type() == at::kBFloat16 || a.x.scalar_type() == at::kHalf,
                    "gelu_ffn: unsupported dtype ", a.x.scalar_type());
   BwdArgs f{f32(a.dy),         f32(a.x),          f32(a.w1),          f32(a.w2), f32(a.pre),

@@ -45,6 +45,9 @@ def report() -> str:
     lines = ["fusedformer info", ""]
     for k, v in _versions():
         lines.append(f"  {k:<14} {v}")
+    from . import cpu_caps
+    lines.append(f"  {'CPU':<14} {cpu_caps.describe()}")
+    cpu_paths = cpu_caps.paths()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for mod in op_modules:
         for dev in devices:
@@ -52,6 +55,8 @@ def report() -> str:
             lines.append(f"{mod.OP} on {dev.type} tensors:")
             for name, why in backends.availability(mod.OP, mod.TABLE, dev).items():
                 lines.append(f"  {name:<10} " + ("available" if not why else "unavailable: " + "; ".join(why)))
+                if name == "cpu" and not why:  # which GEMMs low precision takes on this CPU, and why
+                    lines.append(f"  {'':<10} low precision: {cpu_paths[mod.OP]}")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat, backends, reference
+from . import _autocast
 from . import _common as C
 from ..errors import InputError, InputTypeError
 
@@ -285,6 +286,8 @@ def attention(
     """
     op = "attention"
     attn_mask, is_causal = _causal_bias(op, attn_mask, is_causal, query, key)
+    # under torch.autocast: cast as SDPA's inputs are (ops/_autocast.py)
+    query, key, value, attn_mask = _autocast.lower_precision(_autocast.SDPA, query, key, value, attn_mask)
     q, k, v, batch, heads = _check_qkv(op, query, key, value, enable_gqa)
     attn_mask, key_padding_mask = _normalize_masks(op, q, k, attn_mask, key_padding_mask, batch, heads)
     if not isinstance(is_causal, bool):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from . import _autocast
 from . import _common as C
 from ..errors import InputError
 
@@ -130,9 +131,11 @@ def gelu_ffn(
     ``input`` (..., C); ``w1`` (F, C); ``b1`` (F,) or None; ``w2`` (C2, F); ``b2`` (C2,) or None;
     ``approximate`` is ``'none'`` (exact erf, BERT) or ``'tanh'`` (GPT-2's ``gelu_new``).
     Dropout (element (m, c) of the output viewed as (M, C2)) follows ``fusedformer.rng``.
-    Returns (..., C2) in ``input``'s dtype.
+    Returns (..., C2) in ``input``'s dtype. Under ``torch.autocast`` the inputs are cast as
+    ``F.linear``'s are (``ops/_autocast.py``).
     """
     op = "gelu_ffn"
+    input, w1, b1, w2, b2 = _autocast.lower_precision(_autocast.LINEAR, input, w1, b1, w2, b2)
     x = C.check_tensor(op, "input", input, min_ndim=1)
     C.check_tensor(op, "w1", w1, ndim=2)
     C.check_tensor(op, "w2", w2, ndim=2)

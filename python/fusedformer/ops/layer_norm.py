@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
+from . import _autocast
 from . import _common as C
 from ..errors import InputError, InputTypeError
 
@@ -199,8 +200,10 @@ def layer_norm(
         backend: force a backend (see ``fusedformer.backends``).
 
     Returns ``y``, or ``(y, h)`` with ``return_residual=True``. ``weight``/``bias`` may be float32
-    for float16/bfloat16 inputs; ``y`` has ``input``'s dtype.
+    for float16/bfloat16 inputs; ``y`` has ``input``'s dtype. Under ``torch.autocast`` the inputs
+    are cast as ``F.layer_norm``'s are (``ops/_autocast.py``: float32 on CUDA, untouched on the CPU).
     """
+    input, weight, bias, residual = _autocast.float32(_autocast.LAYER_NORM, input, weight, bias, residual)
     return _norm("layer_norm", input, normalized_shape, weight, bias, eps, residual, dropout_p, seed,
                  offset, return_residual, backend, rms=False)
 
@@ -220,6 +223,7 @@ def rms_norm(
 ):
     """RMSNorm, like ``torch.nn.functional.rms_norm`` (``eps=None`` means ``finfo(dtype).eps``), with
     the same fused extras as :func:`layer_norm`."""
+    input, weight, residual = _autocast.float32(_autocast.RMS_NORM, input, weight, residual)
     if eps is None and isinstance(input, Tensor) and input.is_floating_point():
         eps = torch.finfo(input.dtype).eps
     return _norm("rms_norm", input, normalized_shape, weight, None, eps, residual, dropout_p, seed,
