@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs as _cfg
 from ._common import (autotune_enabled, device_function, dot_precision, dropout_constants, dropout_keep_rows,
                       interpreting, mma, next_pow2, round_to, seed_value)
 
@@ -92,18 +93,12 @@ def _check_head_dims(D: int, Dv: int) -> None:
 # ------------------------------------------------------------------------------------------------
 # autotuning configurations
 # ------------------------------------------------------------------------------------------------
-# Tiles are (BLOCK_M, BLOCK_N, stages, warps), best default first: with autotuning switched off
+# Tiles (BLOCK_M, BLOCK_N, stages, warps) come from kernels/_configs.py, per architecture family,
+# dtype and head dim, best default first: with autotuning switched off
 # (FUSEDFORMER_TRITON_AUTOTUNE=0) the first tile that fits is used without timing.
 # Lengths enter the key as power-of-two buckets, so a new length does not re-tune.
 _TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_DROPOUT", "HAS_MASK", "DROP_ALIGNED4"]
 _FWD_TUNE_KEY = _TUNE_KEY + ["TMA"]
-_FWD_TILES = [(128, 64, 3, 8), (128, 128, 3, 8), (128, 64, 4, 8), (128, 32, 4, 4), (64, 64, 4, 4),
-              (64, 64, 3, 4), (64, 32, 3, 4), (64, 32, 2, 4), (32, 32, 2, 4)]
-# dK/dV: BLOCK_N keys stay resident while BLOCK_M query rows stream past; dQ: the other way round.
-_DKDV_TILES = [(32, 64, 2, 4), (32, 128, 2, 8), (64, 128, 2, 8), (64, 64, 2, 4), (32, 64, 3, 4),
-               (16, 64, 2, 4), (16, 32, 2, 4)]
-_DQ_TILES = [(64, 32, 2, 4), (128, 64, 2, 8), (128, 32, 2, 8), (64, 64, 2, 4), (64, 32, 3, 4),
-             (32, 32, 2, 4), (16, 32, 2, 4)]
 
 
 def _set_descriptor_blocks(nargs):
@@ -115,25 +110,33 @@ def _set_descriptor_blocks(nargs):
             desc.block_shape = [1, 1, n, d] if len(desc.shape) == 4 else [n, 1, d]
 
 
-def _configs(tiles, interpreter_tile, pre_hook=None):
+def _autotune_configs(kernel, pre_hook=None):
+    """Every tile _configs names for ``kernel`` ("fwd", "dkdv", "dq") on any GPU; the pruner picks."""
     if interpreting():   # one configuration: nothing to time on the CPU
-        bm, bn = interpreter_tile
+        bm, bn = _cfg.INTERPRETER_TILE[kernel]
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, pre_hook=pre_hook)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w, pre_hook=pre_hook)
-            for bm, bn, s, w in tiles]
+            for bm, bn, s, w in _cfg.attention_all_tiles(kernel)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles whose operands cannot fit in shared memory for this head dim and dtype (a
-    conservative estimate: the resident tile plus every pipeline stage of the streamed one)."""
-    elem = 4 if named_args["Q"].dtype == torch.float32 else 2
-    width = kwargs["BLOCK_D"] + kwargs["BLOCK_DV"]
-    budget = 160 * 1024     # below the smallest of A100 (164 KB) and H100 (227 KB) per block
-    kept = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.num_stages * c.kwargs["BLOCK_N"]) * width * elem <= budget
-            and (width <= 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
-    kept = kept or configs[-1:]
-    return kept if autotune_enabled() else kept[:1]
+def _tile(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
+
+
+def _pruner(kernel):
+    """``early_config_prune`` for ``kernel``: the tiles _configs lists for this GPU (or the
+    ahead-of-time target), dtype and head dim, in its order, minus those whose estimated shared
+    memory exceeds the GPU's per-block limit; only the first with autotuning off."""
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        bd, bdv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
+        arch, limit = _cfg.device_arch(q.device), _cfg.smem_limit(q.device)
+        tiles = _cfg.attention_tiles(kernel, arch, q.dtype, bd, bdv, kwargs["HAS_DROPOUT"] or kwargs["HAS_MASK"])
+        kept = _cfg.select(configs, tiles, _tile,
+                           lambda c: _cfg.attention_smem(kernel, _tile(c), bd, bdv, q.element_size(),
+                                                        kwargs["HAS_MASK"]), limit)
+        return kept if autotune_enabled() else kept[:1]
+    return prune
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,8 +257,8 @@ def _masked_score(s2, bias):
     return tl.where(masking, tl.where(bias == float("-inf"), bias, _MASKED_SCORE2), s2 + bias * _LOG2E)
 
 
-@triton.autotune(configs=_configs(_FWD_TILES, (32, 16), _set_descriptor_blocks), key=_FWD_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_autotune_configs("fwd", _set_descriptor_blocks), key=_FWD_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _attention_fwd(
     Q,               # (B, H, Sq, D) or packed (Tq, H, D), read through strides
@@ -431,8 +434,8 @@ def _bwd_dkdv_tile(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_TILES, (16, 32)), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_autotune_configs("dkdv"), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _attention_bwd_dkdv(
     Q, K, V,         # as in the forward
@@ -570,8 +573,8 @@ def _bwd_dq_tile(
     return mma(round_to(ds, kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
 
 
-@triton.autotune(configs=_configs(_DQ_TILES, (16, 32)), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_autotune_configs("dq"), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _attention_bwd_dq(
     Q, K, V, DO, LSE, Delta,
@@ -733,7 +736,7 @@ def _tma_descriptor(t: torch.Tensor, block: list[int]):
     (a GPU older than Hopper, a base or stride not 16-byte aligned)."""
     if TensorDescriptor is None:
         return None
-    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+    if _cfg.device_arch(t.device) < 90:     # the device's (or the ahead-of-time target's) arch
         return None
     if t.data_ptr() % 16 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
         return None

@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs as _cfg
 from ._common import (autotune_enabled, device_function, dot_precision, dropout_constants, dropout_keep_rows,
                       interpreting, mma, round_to, seed_value)
 
@@ -67,40 +68,46 @@ _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 # autotuning configurations
 # ------------------------------------------------------------------------------------------------
 def _gemm_configs():
+    """Every tile _configs names for ``_gemm_epilogue`` on any GPU; ``_prune_gemm`` picks."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 5, 2), (64, 64, 64, 3, 4),
-    ]
+        m, n, k, _, w = _cfg.INTERPRETER_GEMM
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 2}, num_warps=w)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for m, n, k, s, w in shapes]
+            for m, n, k, s, w in _cfg.union(*_cfg.GEMM.values())]
 
 
 def _wgrad_configs():
+    """Every tile _configs names for ``_gemm_wgrad``; ``_prune_wgrad`` picks."""
     if interpreting():
-        return [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_R": 16, "GROUP_P": 2}, num_warps=1)]
-    shapes = [  # (BLOCK_P, BLOCK_Q, BLOCK_R, stages, warps)
-        (128, 128, 64, 3, 8), (128, 128, 32, 4, 4), (64, 128, 64, 3, 4), (128, 64, 64, 3, 4),
-        (64, 64, 64, 4, 4), (64, 64, 32, 5, 2),
-    ]
+        p, q, r, _, w = _cfg.INTERPRETER_GEMM
+        return [triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_R": r, "GROUP_P": 2}, num_warps=w)]
     return [triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_R": r, "GROUP_P": 8}, num_stages=s, num_warps=w)
-            for p, q, r, s, w in shapes]
+            for p, q, r, s, w in _cfg.union(*_cfg.WGRAD.values())]
+
+
+def _gemm_tile(c):
+    k = c.kwargs
+    return (k.get("BLOCK_M", k.get("BLOCK_P")), k.get("BLOCK_N", k.get("BLOCK_Q")), k.get("BLOCK_K", k.get("BLOCK_R")),
+            c.num_stages, c.num_warps)
+
+
+def _keep_fitting(configs, tiles, a):
+    """The tiles of ``tiles`` (in order) whose pipelined operand tiles fit the GPU's shared memory
+    (read from the device, or the ahead-of-time target's table); the first only with autotuning off."""
+    limit = _cfg.smem_limit(a.device)
+    kept = _cfg.select(configs, tiles, _gemm_tile, lambda c: _cfg.gemm_smem(_gemm_tile(c), a.element_size()), limit)
+    return kept if autotune_enabled() else kept[:1]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Drop tiles whose pipelined operand tiles cannot fit in shared memory (160 KB: below both
-    A100's and H100's per-block limit); the first that fits when autotuning is off."""
-    elem = 4 if named_args["A"].dtype == torch.float32 else 2
-    kept = []
-    for c in configs:   # (rows, cols, reduction) tile of either kernel
-        m = c.kwargs.get("BLOCK_M", c.kwargs.get("BLOCK_P"))
-        n = c.kwargs.get("BLOCK_N", c.kwargs.get("BLOCK_Q"))
-        k = c.kwargs.get("BLOCK_K", c.kwargs.get("BLOCK_R"))
-        if c.num_stages * (m * k + k * n) * elem <= 160 * 1024:
-            kept.append(c)
-    kept = kept or configs[-1:]
-    return kept if autotune_enabled() else kept[:1]
+    a = named_args["A"]
+    tiles = _cfg.gemm_tiles(_cfg.device_arch(a.device), a.dtype, kwargs["EPILOGUE"], kwargs["HAS_DROPOUT"])
+    return _keep_fitting(configs, tiles, a)
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    a = named_args["A"]
+    return _keep_fitting(configs, _cfg.wgrad_tiles(_cfg.device_arch(a.device), a.dtype, kwargs["B_GELU"]), a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +151,7 @@ def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 # ------------------------------------------------------------------------------------------------
 # C = A B (+ epilogue)
 # ------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"],
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "TANH", "HAS_BIAS", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _gemm_epilogue(
@@ -210,8 +217,8 @@ def _gemm_epilogue(
 # ------------------------------------------------------------------------------------------------
 # weight gradients: C = A^T B over the R rows (+ column sums of A, + GELU on B's tiles)
 # ------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_wgrad_configs(), key=["P", "Q", "R"],
-                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.autotune(configs=_wgrad_configs(), key=["P", "Q", "R", "B_GELU", "TANH", "BIAS_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.jit
 def _gemm_wgrad(
     A,               # (R, P) contiguous: the output-side gradient (dz or dpre)

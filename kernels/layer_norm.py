@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _configs as _cfg
 from ._common import (autotune_enabled, device_function, dropout_constants, dropout_keep_rows, interpreting,
                       next_pow2, num_sms, round_to, seed_value)
 
@@ -71,15 +72,18 @@ ROWS_TILE_ELEMS = 4096
 def _rows_configs():
     if interpreting():
         return [triton.Config({}, num_warps=1)]
-    return [triton.Config({}, num_warps=w) for w in (4, 8, 2, 16, 1)]     # best default first
+    return [triton.Config({}, num_warps=w) for w in _cfg.ROWS_WARPS["fwd"]]
 
 
-def _prune_rows(configs, named_args, **kwargs):
-    """Keep warp counts that give every thread between 1 and 64 elements of the tile."""
-    elems = kwargs["BLOCK_M"] * kwargs["BLOCK_N"]
-    kept = [c for c in configs if 32 * c.num_warps <= max(elems, 32) and elems <= 64 * 32 * c.num_warps]
-    kept = kept or configs[:1]
-    return kept if autotune_enabled() else kept[:1]
+def _rows_pruner(direction):
+    """``early_config_prune`` of the `_rows` kernels: the warp counts _configs admits for this tile
+    (``direction``: "fwd" or "bwd"), in its preference order; the first only with autotuning off."""
+    def prune(configs, named_args, **kwargs):
+        warps = _cfg.rows_warps(direction, kwargs["BLOCK_M"] * kwargs["BLOCK_N"])
+        by_warps = {c.num_warps: c for c in configs}
+        kept = [by_warps[w] for w in warps if w in by_warps] or configs[:1]
+        return kept if autotune_enabled() else kept[:1]
+    return prune
 
 
 def _prune_chunks(configs, named_args, **kwargs):
@@ -88,8 +92,9 @@ def _prune_chunks(configs, named_args, **kwargs):
 
 def _chunk_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_N": 256}, num_warps=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (1024, 2048, 4096) for w in (4, 8, 16)]
+        bn, w = _cfg.INTERPRETER_CHUNK
+        return [triton.Config({"BLOCK_N": bn}, num_warps=w)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in _cfg.CHUNKS]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,7 +161,7 @@ def _sum_partials(
 # forward
 # ------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_rows_configs(), key=["N", "BLOCK_M", "BLOCK_N"],
-                 prune_configs_by={"early_config_prune": _prune_rows})
+                 prune_configs_by={"early_config_prune": _rows_pruner("fwd")})
 @triton.jit
 def _layer_norm_fwd_rows(
     X,               # (M, N) input rows
@@ -334,7 +339,7 @@ def layer_norm_fwd(
 # backward
 # ------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_rows_configs(), key=["N", "BLOCK_M", "BLOCK_N"],
-                 prune_configs_by={"early_config_prune": _prune_rows})
+                 prune_configs_by={"early_config_prune": _rows_pruner("bwd")})
 @triton.jit
 def _layer_norm_bwd_rows(
     DY,              # (M, N) gradient of y

@@ -17,6 +17,9 @@ def _versions() -> list[tuple[str, str]]:
     try:
         import triton
         rows.append(("triton", triton.__version__))
+        # What float32 means on the Triton backend (docs/triton_kernels.md, "float32").
+        rows.append(("triton fp32", "correctness path: tl.dot as IEEE float32 FMA (no tensor cores, no TF32); "
+                                    "float16/bfloat16 use tensor cores"))
     except ImportError:
         rows.append(("triton", "not installed"))
     if torch.cuda.is_available():
