@@ -458,7 +458,22 @@ def test_trainer_on_converted_bert_runs_fused_with_the_original_losses(tmp_path,
 # ------------------------------------------------------------------------------------------------
 # loading fused: transformers' class patching
 # ------------------------------------------------------------------------------------------------
-def test_from_pretrained_comes_back_fused_through_class_patching(tmp_path, monkeypatch, no_fallback_warnings):
+@pytest.fixture(autouse=False)
+def restore_recorders():
+    """transformers' patching rewrites the class-level ``_can_record_outputs`` of the models it
+    builds (BertLayer -> FusedBertLayer) for good; put them back for the tests that follow."""
+    from transformers.models.bert.modeling_bert import BertPreTrainedModel
+    from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
+    saved = {cls: dict(cls.__dict__["_can_record_outputs"]) for cls in (BertPreTrainedModel, GPT2PreTrainedModel)
+             if isinstance(cls.__dict__.get("_can_record_outputs"), dict)}
+    yield
+    for cls, recorders in saved.items():
+        cls.__dict__["_can_record_outputs"].clear()
+        cls.__dict__["_can_record_outputs"].update(recorders)
+
+
+def test_from_pretrained_comes_back_fused_through_class_patching(tmp_path, monkeypatch, restore_recorders,
+                                                                  no_fallback_warnings):
     """register_patch_mapping(hf_patch_mapping()): from_pretrained builds FusedBertLayer /
     FusedGPT2Block itself (no convert), with the checkpoint's weights and the converted outputs."""
     from transformers import BertForMaskedLM
@@ -497,7 +512,7 @@ def test_from_pretrained_comes_back_fused_through_class_patching(tmp_path, monke
     assert type(fused_bert.bert.encoder.layer[0]).__name__ == "BertLayer"
 
 
-def test_a_patched_in_layer_it_cannot_fuse_says_so_once_and_runs_the_original(tmp_path):
+def test_a_patched_in_layer_it_cannot_fuse_says_so_once_and_runs_the_original(tmp_path, restore_recorders):
     """A FusedBertLayer that transformers built (patch mapping) checks its parts on its first call:
     one with a part of another class runs the original forward, announced once for the model."""
     from transformers import BertModel
