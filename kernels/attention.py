@@ -76,7 +76,6 @@ MAX_GRID_BATCH = 65535          # grid axis 2 (batch / sequence) limit; larger b
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-
 # Masking values (the reference's rule, fusedformer/reference.py): a finite mask value at or below
 # -2^17 makes the score -256, whatever q . k is.
 _MASKING_THRESHOLD = tl.constexpr(-131072.0)   # -2^17

@@ -200,14 +200,14 @@ def _layer_norm_fwd_rows(
         centered = h
     else:
         mean = tl.sum(h, axis=1) / N
+        # refined once (as the reference): a float32 row sum rounds, and a constant row's mean
+        # would be off by an ulp, which BERT's eps = 1e-12 blows up to O(1) in y
+        mean += tl.sum(tl.where(mask, h - mean[:, None], 0.0), axis=1) / N
         centered = tl.where(mask, h - mean[:, None], 0.0)
         tl.store(Mean + rows, mean, mask=row_ok)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
     tl.store(Rstd + rows, rstd, mask=row_ok)
     y = centered * rstd[:, None]
-        # refined once (as the reference): a float32 row sum rounds, and a constant row's mean
-        # would be off by an ulp, which BERT's eps = 1e-12 blows up to O(1) in y
-        mean += tl.sum(tl.where(mask, h - mean[:, None], 0.0), axis=1) / N
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -269,12 +269,12 @@ def _layer_norm_fwd_chunked(
         var = tl.sum(m2, axis=0) / N
     else:
         mean = tl.sum(count * mu, axis=0) / N
+        mean += tl.sum(count * (mu - mean), axis=0) / N   # refined once, as in the row-wise kernel
         spread = mu - mean
         var = (tl.sum(m2, axis=0) + tl.sum(count * spread * spread, axis=0)) / N
         tl.store(Mean + row, mean)
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(Rstd + row, rstd)
-        mean += tl.sum(count * (mu - mean), axis=0) / N   # refined once, as in the row-wise kernel
     # Pass 2: normalize. Each element is re-read by the thread that wrote it (same tile layout);
     # the barrier makes that explicit.
     tl.debug_barrier()
