@@ -173,13 +173,12 @@ _F16 = {
         ("sm80", 256): _same([(64, 32, 2, 8), (16, 32, 2, 4)]),
     },
 }
-# float32: IEEE products on the FMA units. The FMA lowering holds each thread's slices of both
-# operands along the whole reduction in registers, so only small tiles compile without spilling:
-# 32x32 at head dim 64, 32x16 / 16x32 at 128, 16x16 at 256 (at 64x64 and above every tile tried
-# spills, by up to tens of KB a thread). A correctness path, not a fast one.
+# float32: IEEE products on the FMA units, whose register use grows with the tile and the head dim:
+# only small tiles compile without spilling — 32x32 at head dim 64, 32x16 or 16x32 at 128, 16x16 at
+# 256 (64x32 and larger spill at head dim 128, by up to tens of KB a thread). A correctness path,
+# not a fast one.
 _F32 = {
-    "fwd": {64: [(32, 32, 2, 4), (32, 16, 2, 4)], 128: [(32, 16, 2, 4), (16, 32, 2, 4)],
-            256: [(16, 16, 2, 4)]},
+    "fwd": {64: [(32, 32, 2, 4), (32, 16, 2, 4)], 128: [(32, 16, 2, 4)], 256: [(16, 16, 2, 4)]},
     "dkdv": {64: [(32, 32, 2, 4), (32, 16, 2, 4)], 128: [(32, 16, 2, 4), (16, 32, 2, 4)],
              256: [(16, 16, 2, 4)]},
     "dq": {64: [(32, 32, 2, 4), (16, 32, 2, 4)], 128: [(16, 32, 2, 4), (32, 16, 2, 4)],
@@ -247,7 +246,7 @@ _WGRAD16 = {
     ("sm90", "plain"): [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8)],
     ("sm90", "gelu"): [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8)],
     ("sm80", "plain"): [(128, 128, 64, 3, 8), (128, 128, 32, 4, 8)],
-    ("sm80", "gelu"): [(128, 128, 32, 4, 8), (128, 128, 64, 3, 8)],
+    ("sm80", "gelu"): [(128, 128, 32, 4, 8)],           # 128x128x64 spills with the GELU prologue
 }
 # float32 (FMA): 128x128x32 spills by up to ~5 KB a thread and 64x32x32 by 8 B with the GELU /
 # bias epilogues on sm_90; these small tiles compile clean for every epilogue on both archs.

@@ -769,7 +769,8 @@ def _backward(pb: _Problem, dout, out, lse, lse_strides, delta_strides, dq, dk, 
     R = out.numel() // pb.Dv
     delta = torch.empty(R, dtype=torch.float32, device=out.device)
     block_dv = max(16, next_pow2(pb.Dv))
-    block_r = max(1, min(64, 4096 // block_dv))
+    # 4096 elements a program (32 a thread), 2048 in float32: (16, 256) float32 tiles spill on sm_90
+    block_r = max(1, min(64, (2048 if out.element_size() > 2 else 4096) // block_dv))
     _bwd_delta[(triton.cdiv(R, block_r),)](out, dout, delta, R, HEAD_DIM_V=pb.Dv, BLOCK_R=block_r,
                                            BLOCK_DV=block_dv)
     for b0, b1 in pb.chunks():
