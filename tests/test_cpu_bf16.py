@@ -114,6 +114,10 @@ def test_environment_variable():
     assert (mode, enabled) == ("on", "True") and "FUSEDFORMER_CPU_BF16_GEMM=on" in why, done.stdout
     bad = _python(code, "sometimes")
     assert bad.returncode != 0 and "FUSEDFORMER_CPU_BF16_GEMM" in bad.stderr and "sometimes" in bad.stderr
+    # set_bf16_gemm replaces a bad value instead of failing on it
+    fixed = _python("from fusedformer import cpu_caps\ncpu_caps.set_bf16_gemm('off')\n" + code.split("\n", 1)[1],
+                    "sometimes")
+    assert fixed.returncode == 0 and fixed.stdout.startswith("off|False|"), fixed.stderr + fixed.stdout
 
 
 def test_info_names_the_paths():

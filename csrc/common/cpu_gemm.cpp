@@ -217,10 +217,16 @@ Bf16GemmMode bf16_gemm_mode() {
 }
 
 Bf16GemmMode set_bf16_gemm_mode(Bf16GemmMode mode) {
-  const Bf16GemmMode previous = bf16_gemm_mode();
   g_mode_from_env.store(false);
-  g_mode.store(static_cast<int>(mode), std::memory_order_release);
-  return previous;
+  const int previous = g_mode.exchange(static_cast<int>(mode), std::memory_order_acq_rel);
+  if (previous != kUnread) return static_cast<Bf16GemmMode>(previous);
+  // Never read: what the environment said, without failing on a bad value (this call replaces it).
+  const char* env = std::getenv(kEnv);
+  try {
+    return parse_mode(env ? env : "", kEnv);
+  } catch (const c10::Error&) {
+    return Bf16GemmMode::kAuto;
+  }
 }
 
 bool has_mkl_bf16_gemm() {
