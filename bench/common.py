@@ -479,14 +479,8 @@ def ceiling_rows(env: dict, ceilings: Ceilings) -> list[dict]:
 # The environment every row records
 # ------------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from fusedformer import cpu_caps
+    return cpu_caps.cpu_model() or platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> str:

@@ -42,14 +42,15 @@ def capabilities() -> dict:
         reported = dict(torch._C._cpu._get_cpu_capability())
     except (AttributeError, RuntimeError, TypeError):  # an older torch without the map
         reported = {}
-    caps = {"model": _cpu_model() or str(reported.get("cpu_name") or platform.processor() or platform.machine()),
+    caps = {"model": cpu_model() or str(reported.get("cpu_name") or platform.processor() or platform.machine()),
             "isa": torch.backends.cpu.get_cpu_capability()}
     for flag in FLAGS:
         caps[flag] = bool(reported.get(flag, False))
     return caps
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
