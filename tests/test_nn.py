@@ -617,3 +617,27 @@ def test_convert_rejects_non_modules():
         ff.convert(torch.randn(3))
     with pytest.raises(ValueError, match="unknown backend"):
         ff.convert(nn.LayerNorm(4), backend="tpu")
+
+
+def test_integrations_import_graph_has_no_circle():
+    """``integrations/``: rules (leaf) <- registry <- the families <- convert, no module importing back
+    (top-level or deferred imports, read from the source)."""
+    import ast
+    import pathlib
+    pkg = pathlib.Path(ff.__file__).parent / "integrations"
+    graph = {}
+    for path in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+        graph[path.stem] = {d for d in deps if (pkg / f"{d}.py").exists()}
+    assert graph["rules"] == set(), graph["rules"]
+    assert graph["registry"] == {"rules"}, graph["registry"]
+
+    def visit(name, stack):
+        assert name not in stack, f"import circle: {' -> '.join(stack + [name])}"
+        for dep in graph[name]:
+            visit(dep, stack + [name])
+    for name in graph:
+        visit(name, [])

@@ -2,7 +2,8 @@
 undoes it. ``torch.nn`` layers always; Hugging Face BERT / GPT-2 / BART layers when the model is one
 (``transformers`` is optional and never imported by fusedformer itself). ``register_hf()`` adds
 ``attn_implementation="fusedformer"`` to transformers (imported then, and only then)."""
-from .convert import ConversionReport, Rule, convert, revert
+from .convert import convert, revert
+from .rules import ConversionReport, Rule
 
 
 def register_hf() -> str:

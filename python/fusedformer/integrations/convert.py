@@ -9,78 +9,39 @@ nothing else about the module changes — the same parameter objects, buffers, s
 A *rule* says which exact class converts to which fused class, and when a module of that class
 must be left untouched (an option the fused forward does not implement). Only exact classes
 match: a user subclass may override ``forward``, so it is reported and left alone (its children
-are still visited). Rules for Hugging Face models are loaded only when the model's ``transformers``
-modules are already imported — ``convert`` never imports ``transformers`` itself.
+are still visited). The rules live in ``registry``, where each family's module (``torch_nn``,
+``hf_bert``, ...) registers them when imported; :data:`FAMILIES` says which to import. The Hugging
+Face families are imported only when the model's ``transformers`` modules already are — ``convert``
+never imports ``transformers`` itself.
 """
 from __future__ import annotations
 
+import importlib
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import nn
 
 from ..nn._base import FusedModule, check_backend
+from . import registry
+from .rules import ConversionReport
+
+# The model families: (the module that must already be imported for the family to apply, or None
+# for always; the family's module in this package, which registers its rules when imported).
+# Hugging Face families load only when the model's code is loaded (a model holding a BertLayer has
+# imported modeling_bert); importing transformers here would make it a hard dependency.
+FAMILIES = (
+    (None, "torch_nn"),
+    ("transformers.models.bert.modeling_bert", "hf_bert"),
+    ("transformers.models.gpt2.modeling_gpt2", "hf_gpt2"),
+    ("transformers.models.bart.modeling_bart", "hf_bart"),
+)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """Convert modules of exactly ``source`` into ``target`` (a ``FusedModule`` subclass).
-
-    ``unsupported(module)`` returns why this module must stay as it is, or None; ``notes(module)``
-    returns remarks for the report about a module that is converted (say, a part left unfused)."""
-    source: type
-    target: type
-    unsupported: Callable[[nn.Module], Optional[str]] = lambda module: None
-    notes: Callable[[nn.Module], list] = lambda module: []
-
-
-@dataclass
-class ConversionReport:
-    """What ``convert`` did.
-
-    Attributes:
-        converted: qualified names of the modules swapped for fused ones (``''`` is the root).
-        skipped: ``(name, reason)`` for modules of a supported kind that were left untouched.
-        notes: ``(name, remark)`` about converted modules (parts left unfused, settings changed).
-        backend: the backend the converted modules remember (None = chosen at call time).
-    """
-    converted: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-    backend: Optional[str] = None
-    kinds: dict = field(default_factory=dict, repr=False)   # converted name -> original class name
-
-    def __str__(self) -> str:
-        backend = self.backend or "chosen at call time (use_backend / FUSEDFORMER_BACKEND / automatic)"
-        counts = Counter(self.kinds.get(n, "?") for n in self.converted)
-        kinds = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items())) or "nothing"
-        lines = [f"fusedformer.convert: converted {kinds}; backend: {backend}"]
-        for n in self.converted:
-            lines.append(f"  converted  {n or '<root>'} ({self.kinds.get(n, '?')})")
-        for n, why in self.skipped:
-            lines.append(f"  untouched  {n or '<root>'}: {why}")
-        for n, note in self.notes:
-            lines.append(f"  note       {n or '<root>'}: {note}")
-        return "\n".join(lines)
-
-
-def _rules() -> dict[type, Rule]:
-    from . import torch_nn
-    rules = list(torch_nn.rules())
-    # Hugging Face rules only when the model's code is loaded (a model holding a BertLayer has
-    # imported modeling_bert); importing transformers here would make it a hard dependency.
-    if "transformers.models.bert.modeling_bert" in sys.modules:
-        from . import hf_bert
-        rules += hf_bert.rules()
-    if "transformers.models.gpt2.modeling_gpt2" in sys.modules:
-        from . import hf_gpt2
-        rules += hf_gpt2.rules()
-    if "transformers.models.bart.modeling_bart" in sys.modules:
-        from . import hf_bart
-        rules += hf_bart.rules()
-    return {r.source: r for r in rules}
+def _load_families() -> None:
+    for trigger, module in FAMILIES:
+        if trigger is None or trigger in sys.modules:
+            importlib.import_module(f"{__package__}.{module}")
 
 
 def convert(model: nn.Module, backend: Optional[str] = None, *,
@@ -111,7 +72,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, *,
     if attn_implementation is not None or "transformers" in sys.modules:
         from . import hf_attention
         hf_attention.apply(model, attn_implementation, backend, report)
-    rules = _rules()
+    _load_families()
+    rules = registry.rules()
 
     def visit(module: nn.Module, name: str) -> None:
         if isinstance(module, FusedModule):
@@ -140,8 +102,7 @@ def convert(model: nn.Module, backend: Optional[str] = None, *,
             visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
-    from . import torch_nn
-    torch_nn.after_convert(model, report)
+    registry.after_convert(model, report)
     return report
 
 
@@ -154,8 +115,8 @@ def revert(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, FusedModule) and type(module)._ff_torch_class is not None:
             module._ff_release()
-    from . import torch_nn
-    torch_nn.after_revert(model)
+    _load_families()
+    registry.after_revert(model)
     if "transformers" in sys.modules:
         from . import hf_attention
         hf_attention.restore(model)

@@ -50,7 +50,8 @@ from .. import nn as ffnn
 from ..nn._base import FusedModule, dropout_p, linear_gelu_linear, residual_layer_norm
 from ..ops.attention import attention
 from . import hf_common as hf
-from .convert import Rule
+from . import registry
+from .rules import Rule
 
 _LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
 
@@ -206,3 +207,6 @@ def _notes(layer) -> list:
 def rules() -> list:
     return [Rule(mb.BartEncoderLayer, FusedBartEncoderLayer, _unsupported, _notes),
             Rule(mb.BartDecoderLayer, FusedBartDecoderLayer, _unsupported, _notes)]
+
+
+registry.register(rules())

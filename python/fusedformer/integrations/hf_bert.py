@@ -38,7 +38,8 @@ from ..nn._base import FusedModule, dropout_p, linear_gelu_linear, residual_laye
 from ..ops.attention import attention
 from . import hf_bert_decoder
 from . import hf_common as hf
-from .convert import Rule
+from . import registry
+from .rules import Rule
 
 
 class FusedBertLayer(FusedModule, mb.BertLayer):
@@ -142,3 +143,6 @@ def _notes(layer: mb.BertLayer) -> list:
 
 def rules() -> list:
     return [Rule(mb.BertLayer, FusedBertLayer, _unsupported, _notes)]
+
+
+registry.register(rules())

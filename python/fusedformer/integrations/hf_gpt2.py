@@ -36,7 +36,8 @@ from .. import nn as ffnn
 from ..nn._base import FusedModule, dropout_p, linear_gelu_linear, residual_layer_norm
 from ..ops.attention import attention
 from . import hf_common as hf
-from .convert import Rule
+from . import registry
+from .rules import Rule
 
 
 class FusedGPT2Block(FusedModule, mg.GPT2Block):
@@ -129,3 +130,6 @@ def _notes(block: mg.GPT2Block) -> list:
 
 def rules() -> list:
     return [Rule(mg.GPT2Block, FusedGPT2Block, _unsupported, _notes)]
+
+
+registry.register(rules())

@@ -1,4 +1,4 @@
-"""Conversion rules for ``torch.nn`` layers."""
+"""Conversion rules for ``torch.nn`` layers (registered with ``registry`` on import)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +7,8 @@ from torch import nn
 
 from .. import nn as ffnn
 from ..nn._base import gelu_approximation
-from .convert import ConversionReport, Rule
+from . import registry
+from .rules import ConversionReport, Rule
 
 # nn.TransformerEncoder packs padded batches into nested tensors on its inference fast path; the
 # fused layers take padded tensors. convert() turns that path off and remembers the setting here.
@@ -61,3 +62,6 @@ def after_revert(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder) and _SAVED_NESTED in module.__dict__:
             module.use_nested_tensor = module.__dict__.pop(_SAVED_NESTED)
+
+
+registry.register(rules(), after_convert, after_revert)
