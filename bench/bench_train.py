@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+import fusedformer
+
 from . import common
 
 OP = "train"
@@ -75,18 +77,6 @@ def _batch(cfg: dict, device: torch.device) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": real.long().to(device), "labels": labels.to(device)}
 
 
-def _convert_fn() -> tuple[Optional[Callable], Optional[str]]:
-    import fusedformer
-
-    fn = getattr(fusedformer, "convert", None)
-    if fn is None:
-        try:
-            from fusedformer.integrations import convert as fn
-        except ImportError as exc:
-            return None, f"fusedformer.convert is not available ({exc})"
-    return fn, None
-
-
 def _autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -103,15 +93,11 @@ class _Model:
         model = _build(cfg, attn).to(device)
         self.note = ""
         if provider in common.FUSEDFORMER_BACKENDS:
-            convert, why = _convert_fn()
-            if convert is None:
-                raise common.Unavailable(why)
-            report = convert(model, provider)
-            if not getattr(report, "converted", True):
+            report = fusedformer.convert(model, provider)
+            if not report.converted:
                 raise common.Unavailable(f"fusedformer.convert converted nothing in {cfg['model']}")
-            skipped = getattr(report, "skipped", [])
-            if skipped:
-                self.note = f"; convert left {len(skipped)} module(s) unfused"
+            if report.skipped:
+                self.note = f"; convert left {len(report.skipped)} module(s) unfused"
         self.model = model
         self.run = torch.compile(model) if provider == "compile" else model
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -641,3 +641,19 @@ def test_integrations_import_graph_has_no_circle():
             visit(dep, stack + [name])
     for name in graph:
         visit(name, [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gelu_ffn_module_follows_linears_autocast_policy(dtype):
+    """Under CPU autocast, GeluFFN casts as its two nn.Linear would (the op applies F.linear's policy:
+    float32 -> bfloat16, float64 left alone), and matches the op called under the same autocast."""
+    torch.manual_seed(0)
+    ffn = ff.nn.GeluFFN(16, 32, backend="reference").to(dtype)
+    x = torch.randn(3, 16, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_dtype = nn.Linear(16, 16).to(dtype)(x).dtype
+        y = ffn(x)
+        op = ff.gelu_ffn(x, ffn.linear1.weight, ffn.linear1.bias, ffn.linear2.weight, ffn.linear2.bias,
+                         backend="reference")
+    assert y.dtype == want_dtype == (torch.bfloat16 if dtype == torch.float32 else torch.float64)
+    torch.testing.assert_close(y, op, rtol=0, atol=0)

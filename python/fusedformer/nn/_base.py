@@ -77,17 +77,6 @@ def gelu_approximation(fn: Callable) -> Optional[str]:
     return None
 
 
-def autocast_cast(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """Cast floating tensors to the autocast dtype when autocast is on for their device (what
-    autocast does to ``nn.Linear``; our custom ops are not autocast-aware by themselves)."""
-    ref = next(t for t in tensors if t is not None)
-    device_type = ref.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if (t is not None and t.is_floating_point()) else t for t in tensors)
-
-
 def match_residual(x: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """Give ``x`` and ``residual`` one dtype (the promoted one), as ``x + residual`` would."""
     if residual is None or residual.dtype == x.dtype:
@@ -126,6 +115,6 @@ def residual_layer_norm(norm: nn.Module, x: Tensor, residual: Optional[Tensor] =
 def linear_gelu_linear(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
                        approximate: str, p: float = 0.0, backend: Optional[str] = None) -> Tensor:
     """``dropout(gelu(x w1^T + b1) w2^T + b2)`` in one ``fusedformer.gelu_ffn`` call (``nn.Linear``
-    weight layout), cast to the autocast dtype when autocast is on."""
-    x, w1, b1, w2, b2 = autocast_cast(x, w1, b1, w2, b2)
+    weight layout). Under autocast, ``gelu_ffn`` casts its inputs as ``F.linear``'s are
+    (``ops/_autocast.py``)."""
     return gelu_ffn(x, w1, b1, w2, b2, approximate=approximate, dropout_p=p, backend=backend)

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..integrations import convert
 from .config import OBJECTIVE_NAMES, TrainError
 
 log = logging.getLogger("fusedformer.train")
@@ -36,13 +37,11 @@ PRESETS: dict[str, dict] = {
     "small": {"num_layers": 4, "hidden_size": 512, "num_heads": 8, "ffn_size": 2048},
     "base": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "ffn_size": 3072},
 }
-ALIASES = ("minilm",)
 SUPPORTED_TYPES = {"mlm": ("bert",), "mlm+nsp": ("bert",), "classify": ("bert", "bart"), "clm": ("gpt2",),
                    "denoise": ("bart",)}
 #: What to use instead, by the model type that does not fit the objective.
 _INSTEAD = {"bert": "--objective mlm or mlm+nsp (or finetune)", "gpt2": "--objective clm",
             "bart": "--objective denoise (or finetune)"}
-FUSED_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 def require_transformers():
@@ -287,18 +286,13 @@ def apply_backend(model: torch.nn.Module, backend: str) -> dict:
     """Convert ``model`` in place for ``backend`` (nothing for ``torch``). Returns a summary."""
     if backend == "torch":
         return {"backend": "torch", "converted": [], "skipped": []}
-    import fusedformer
-    convert = getattr(fusedformer, "convert", None)
-    if convert is None:
-        raise TrainError("this fusedformer has no convert() yet, so fused backends cannot run the "
-                         "models; use --backend torch")
     try:
         report = convert(model, backend=None if backend == "auto" else backend)
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise TrainError(f"fusedformer.convert cannot convert this {type(model).__name__}: "
                          f"{str(exc).splitlines()[0]}; use --backend torch") from exc
-    converted = list(getattr(report, "converted", []))
-    skipped = [list(s) for s in getattr(report, "skipped", [])]
+    converted = list(report.converted)
+    skipped = [list(s) for s in report.skipped]
     if not converted:
         raise TrainError(f"fusedformer.convert found nothing to fuse in {type(model).__name__} "
                          f"({skipped[:3]}); use --backend torch")
