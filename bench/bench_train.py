@@ -140,8 +140,6 @@ def _static_reason(provider: str, device: torch.device) -> Optional[str]:
         return "the cpu backend takes CPU tensors"
     if provider == "triton" and device.type != "cuda":
         return "Triton kernels need a CUDA GPU (the CPU interpreter is for tests, not timing)"
-    if provider in common.FUSEDFORMER_BACKENDS:
-        return _convert_fn()[1]
     return None
 
 
