@@ -17,7 +17,6 @@ whatever the padding: the same work for every provider, so the ratios are the sp
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Optional
@@ -25,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import pytest_bench, suite
 
 OP = "attention"
 SEED = 1234
@@ -34,7 +33,7 @@ SEED = 1234
 # ------------------------------------------------------------------------------------------------
 # cases
 # ------------------------------------------------------------------------------------------------
-def cases(size: str, device: torch.device) -> list[common.Case]:
+def cases(size: str, device: torch.device) -> list[suite.Case]:
     out = []
     if size == "quick":
         tokens, seqs, dims, width = 1024, (256, 512, 1024), (64,), 256
@@ -47,11 +46,11 @@ def cases(size: str, device: torch.device) -> list[common.Case]:
             for S in seqs:
                 p = {"B": tokens // S, "H": width // D, "S": S, "D": D, "causal": causal, "padding": False,
                      "dropout_p": 0.0}
-                out.append(common.Case(OP, "seq", p, f"B={p['B']} H={p['H']} S={S} D={D}" + (" causal" if causal else ""),
+                out.append(suite.Case(OP, "seq", p, f"B={p['B']} H={p['H']} S={S} D={D}" + (" causal" if causal else ""),
                                        S, f"D={D} {'causal' if causal else 'non-causal'}", "sequence length"))
     for B, S in bert:
         p = {"B": B, "H": 12, "S": S, "D": 64, "causal": False, "padding": True, "dropout_p": 0.1}
-        out.append(common.Case(OP, "bert", p, f"B={B} H=12 S={S} D=64 padding dropout=0.1", f"B={B} S={S}",
+        out.append(suite.Case(OP, "bert", p, f"B={B} H=12 S={S} D=64 padding dropout=0.1", f"B={B} S={S}",
                                "BERT-base, key padding + dropout 0.1"))
     return out
 
@@ -135,7 +134,7 @@ def _sdpa(which: str):
                 pass
         why = [str(x.message).split("(Triggered internally")[0].strip() for x in caught]
         why = [w for w in dict.fromkeys(why) if w and not w.endswith("because:")]
-        raise common.Unavailable(f"SDPA's {which} backend turned these inputs down"
+        raise suite.Unavailable(f"SDPA's {which} backend turned these inputs down"
                                  + (f": {'; '.join(why)}" if why else ""))
     return fn
 
@@ -170,23 +169,21 @@ def _flash_attn(t: dict, p: dict):
     return flash_attn_func(q, k, v, dropout_p=p["dropout_p"], causal=p["causal"]).transpose(1, 2)
 
 
-def providers(device: torch.device) -> list[common.Provider]:
+def providers(device: torch.device) -> list[suite.Provider]:
     from fusedformer.ops import attention as op_module
 
-    out = [common.Provider(b, _fusedformer(b),
-                           functools.partial(lambda d, t, p, b: common.fusedformer_reason(op_module, b, d), b=b))
-           for b in common.FUSEDFORMER_BACKENDS]
-    out.append(common.Provider("torch", torch_eager, own_rng=True))
+    out = suite.fusedformer_providers(op_module, _fusedformer)
+    out.append(suite.Provider("torch", torch_eager, own_rng=True))
     for which in _SDPA_BACKENDS:
-        out.append(common.Provider(f"sdpa-{which}", _sdpa(which), _sdpa_unavailable(which), own_rng=True))
-    out.append(common.Provider("compile", common.compiled(torch_eager), own_rng=True))
-    out.append(common.Provider("flash-attn", _flash_attn, _flash_attn_unavailable, own_rng=True))
+        out.append(suite.Provider(f"sdpa-{which}", _sdpa(which), _sdpa_unavailable(which), own_rng=True))
+    out.append(suite.Provider("compile", suite.compiled(torch_eager), own_rng=True))
+    out.append(suite.Provider("flash-attn", _flash_attn, _flash_attn_unavailable, own_rng=True))
     return out
 
 
-def bench() -> common.OpBench:
-    return common.OpBench(OP, "TFLOP/s", cases, providers, make_inputs, work, check_params)
+def bench() -> suite.OpBench:
+    return suite.OpBench(OP, "TFLOP/s", cases, providers, make_inputs, work, check_params)
 
 
 def test_attention(benchmark, bench_item):
-    common.pytest_benchmark(benchmark, bench(), bench_item)
+    pytest_bench.pytest_benchmark(benchmark, bench(), bench_item)

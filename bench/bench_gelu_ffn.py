@@ -13,12 +13,11 @@ TFLOP/s counts the two GEMMs: 2*M*C*F each forward, twice that backward.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import pytest_bench, suite
 
 OP = "gelu_ffn"
 SEED = 1234
@@ -33,7 +32,7 @@ MODELS = {  # name: (C, F, approximate)
 }
 
 
-def cases(size: str, device: torch.device) -> list[common.Case]:
+def cases(size: str, device: torch.device) -> list[suite.Case]:
     if size == "quick":
         names, M = ("minilm", "bert-base", "bert-large", "gpt2-small"), 256
     else:
@@ -42,7 +41,7 @@ def cases(size: str, device: torch.device) -> list[common.Case]:
     for name in names:
         C, Fw, approx = MODELS[name]
         p = {"M": M, "C": C, "F": Fw, "approximate": approx, "dropout_p": 0.0}
-        out.append(common.Case(OP, "models", p, f"{name} M={M}", name, f"M={M}"))
+        out.append(suite.Case(OP, "models", p, f"{name} M={M}", name, f"M={M}"))
     return out
 
 
@@ -88,20 +87,18 @@ def torch_eager(t: dict, p: dict):
     return y
 
 
-def providers(device: torch.device) -> list[common.Provider]:
+def providers(device: torch.device) -> list[suite.Provider]:
     from fusedformer.ops import gelu_ffn as op_module
 
-    out = [common.Provider(b, _fusedformer(b),
-                           functools.partial(lambda d, t, p, b: common.fusedformer_reason(op_module, b, d), b=b))
-           for b in common.FUSEDFORMER_BACKENDS]
-    out.append(common.Provider("torch", torch_eager, own_rng=True))
-    out.append(common.Provider("compile", common.compiled(torch_eager), own_rng=True))
+    out = suite.fusedformer_providers(op_module, _fusedformer)
+    out.append(suite.Provider("torch", torch_eager, own_rng=True))
+    out.append(suite.Provider("compile", suite.compiled(torch_eager), own_rng=True))
     return out
 
 
-def bench() -> common.OpBench:
-    return common.OpBench(OP, "TFLOP/s", cases, providers, make_inputs, work, check_params)
+def bench() -> suite.OpBench:
+    return suite.OpBench(OP, "TFLOP/s", cases, providers, make_inputs, work, check_params)
 
 
 def test_gelu_ffn(benchmark, bench_item):
-    common.pytest_benchmark(benchmark, bench(), bench_item)
+    pytest_bench.pytest_benchmark(benchmark, bench(), bench_item)

@@ -13,13 +13,12 @@ GB/s counts the bytes that must move (model below), not what a provider happens 
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import pytest_bench, suite
 
 OP = "layer_norm"
 EPS = 1e-5
@@ -29,7 +28,7 @@ SEED = 1234
 # ------------------------------------------------------------------------------------------------
 # cases
 # ------------------------------------------------------------------------------------------------
-def cases(size: str, device: torch.device) -> list[common.Case]:
+def cases(size: str, device: torch.device) -> list[suite.Case]:
     if size == "quick":
         width = [(4096, n) for n in (768, 1024, 2048, 4096)]
         fused = [(1024, 1024)]  # the unfused reference draws its dropout mask slowly: fewer rows
@@ -38,10 +37,10 @@ def cases(size: str, device: torch.device) -> list[common.Case]:
         fused = [(16384, n) for n in (768, 1024, 2048, 4096, 8192, 16384)]
     out = []
     for m, n in width:
-        out.append(common.Case(OP, "width", {"M": m, "N": n, "residual": False, "dropout_p": 0.0},
+        out.append(suite.Case(OP, "width", {"M": m, "N": n, "residual": False, "dropout_p": 0.0},
                                f"M={m} N={n}", n, f"M={m}", "width N"))
     for m, n in fused:
-        out.append(common.Case(OP, "residual_dropout", {"M": m, "N": n, "residual": True, "dropout_p": 0.1},
+        out.append(suite.Case(OP, "residual_dropout", {"M": m, "N": n, "residual": True, "dropout_p": 0.1},
                                f"M={m} N={n} +res drop=0.1", n, f"M={m}", "width N"))
     return out
 
@@ -128,24 +127,22 @@ def _liger(t: dict, p: dict):
     return LigerLayerNormFunction.apply(h, t["weight"], t["bias"], EPS)
 
 
-def providers(device: torch.device) -> list[common.Provider]:
+def providers(device: torch.device) -> list[suite.Provider]:
     from fusedformer.ops import layer_norm as op_module
 
-    out = [common.Provider(b, _fusedformer(b),
-                           functools.partial(lambda d, t, p, b: common.fusedformer_reason(op_module, b, d), b=b))
-           for b in common.FUSEDFORMER_BACKENDS]
-    out.append(common.Provider("torch", torch_eager, own_rng=True))
-    out.append(common.Provider("compile", common.compiled(torch_eager), own_rng=True))
-    out.append(common.Provider("liger", _liger, _liger_unavailable, own_rng=True))
+    out = suite.fusedformer_providers(op_module, _fusedformer)
+    out.append(suite.Provider("torch", torch_eager, own_rng=True))
+    out.append(suite.Provider("compile", suite.compiled(torch_eager), own_rng=True))
+    out.append(suite.Provider("liger", _liger, _liger_unavailable, own_rng=True))
     return out
 
 
-def bench() -> common.OpBench:
-    return common.OpBench(OP, "GB/s", cases, providers, make_inputs, work, check_params)
+def bench() -> suite.OpBench:
+    return suite.OpBench(OP, "GB/s", cases, providers, make_inputs, work, check_params)
 
 
 # ------------------------------------------------------------------------------------------------
 # pytest-benchmark entry point (pytest bench/ --benchmark-only); conftest.py parametrizes it
 # ------------------------------------------------------------------------------------------------
 def test_layer_norm(benchmark, bench_item):
-    common.pytest_benchmark(benchmark, bench(), bench_item)
+    pytest_bench.pytest_benchmark(benchmark, bench(), bench_item)

@@ -31,7 +31,7 @@ import torch
 
 import fusedformer
 
-from . import common
+from . import checks, driver, suite, timing
 
 OP = "train"
 
@@ -92,10 +92,10 @@ class _Model:
         attn = attn() if callable(attn) else attn
         model = _build(cfg, attn).to(device)
         self.note = ""
-        if provider in common.FUSEDFORMER_BACKENDS:
+        if provider in suite.FUSEDFORMER_BACKENDS:
             report = fusedformer.convert(model, provider)
             if not report.converted:
-                raise common.Unavailable(f"fusedformer.convert converted nothing in {cfg['model']}")
+                raise suite.Unavailable(f"fusedformer.convert converted nothing in {cfg['model']}")
             if report.skipped:
                 self.note = f"; convert left {len(report.skipped)} module(s) unfused"
         self.model = model
@@ -123,14 +123,14 @@ def _register_hf() -> str:
     try:
         from fusedformer.integrations import register_hf
     except ImportError as exc:
-        raise common.Unavailable(f"fusedformer.integrations.register_hf is not available ({exc})") from exc
+        raise suite.Unavailable(f"fusedformer.integrations.register_hf is not available ({exc})") from exc
     try:
         return register_hf()
     except ImportError as exc:
-        raise common.Unavailable(str(exc)) from exc
+        raise suite.Unavailable(str(exc)) from exc
 
 
-PROVIDERS = ("hf-eager", "hf-sdpa", "hf-fusedformer", "compile") + common.FUSEDFORMER_BACKENDS
+PROVIDERS = ("hf-eager", "hf-sdpa", "hf-fusedformer", "compile") + suite.FUSEDFORMER_BACKENDS
 
 
 def _static_reason(provider: str, device: torch.device) -> Optional[str]:
@@ -154,7 +154,7 @@ def _reference_loss(cfg: dict, device: torch.device, dtype: torch.dtype) -> tupl
     return ref64, base
 
 
-def run(*, size: str, device: torch.device, dtypes: Sequence[torch.dtype], wanted, budget: common.TimingBudget,
+def run(*, size: str, device: torch.device, dtypes: Sequence[torch.dtype], wanted, budget: timing.TimingBudget,
         env: dict, skipped: Optional[dict] = None, baseline: Optional[str] = None,
         log: Callable[[str], None] = print) -> list[dict]:
     """Check, then time, every provider's training step (see the module docstring). A provider that
@@ -163,45 +163,45 @@ def run(*, size: str, device: torch.device, dtypes: Sequence[torch.dtype], wante
         import transformers  # noqa: F401
     except ImportError as exc:
         log(f"  train: skipped — transformers is not installed ({exc}); pip install 'fusedformer[hf]'")
-        return [dict(env, op=OP, sweep="e2e", config=c["model"], dtype=common.DTYPE_NAMES[d], mode="train-step",
+        return [dict(env, op=OP, sweep="e2e", config=c["model"], dtype=suite.DTYPE_NAMES[d], mode="train-step",
                      provider="-", status="unavailable: transformers is not installed", unit="tokens/s")
                 for c in _configs(size) for d in dtypes]
     names = [p for p in PROVIDERS if wanted is None or any(p == w or p.startswith(w + "-") for w in wanted)]
-    step_budget = common.TimingBudget(seconds=budget.seconds * 4, min_samples=3, max_samples=budget.max_samples,
+    step_budget = timing.TimingBudget(seconds=budget.seconds * 4, min_samples=3, max_samples=budget.max_samples,
                                       min_sample_s=0.0, warmup_s=0.0)
     rows = []
     for cfg in _configs(size):
         for dtype in dtypes:
-            dname = common.DTYPE_NAMES[dtype]
+            dname = suite.DTYPE_NAMES[dtype]
             config = " ".join(f"{k}={v}" for k, v in cfg.items())
             log(f"  train e2e: {config} {dname}")
             row0 = dict(env, op=OP, sweep="e2e", config=config, dtype=dname, mode="train-step", unit="tokens/s",
                         _x=cfg["model"], _series="")
             out = {p: dict(row0, provider=p, status="ok", check="") for p in names}
-            ref64 = base = None
+            ref: list = []         # (ref64, base), computed for the first provider that is checked
             models: dict[str, _Model] = {}
             for p in names:
-                why = _static_reason(p, device)
-                if skipped and p in skipped:
-                    out[p]["status"] = f"skipped: {skipped[p]}"
+
+                def check(p=p):
+                    try:
+                        if not ref:
+                            ref.extend(_reference_loss(cfg, device, dtype))
+                        m = models[p] = _Model(p, cfg, device, dtype)
+                        failure, err, bound = checks.rule_2x("loss", OP, m.loss(), ref[0], ref[1], dtype)
+                    except Exception as exc:
+                        models.pop(p, None)
+                        return suite.status_of(exc, p), ""
+                    if failure:
+                        return f"{suite.CHECK_FAILED}{failure}", ""
+                    return None, f"ok (loss err {err:.1e} <= {bound:.1e}{m.note})"
+
+                status, text = driver.admit(p, skipped=skipped, baseline=baseline,
+                                            unavailable=lambda p=p: _static_reason(p, device), check=check)
+                if status is not None:
+                    out[p]["status"] = status
+                    models.pop(p, None)
                     continue
-                if why:
-                    out[p]["status"] = f"unavailable: {why}"
-                    continue
-                try:
-                    if ref64 is None:
-                        ref64, base = _reference_loss(cfg, device, dtype)
-                    m = _Model(p, cfg, device, dtype)
-                    failure, err, bound = common.rule_2x("loss", OP, m.loss(), ref64, base, dtype)
-                except Exception as exc:
-                    out[p]["status"] = common.status_of(exc, p)
-                    continue
-                if failure and p != baseline:
-                    out[p]["status"] = f"{common.CHECK_FAILED}{failure}"
-                    continue
-                out[p]["check"] = (f"{common.FAILED_BASELINE}{failure}" if failure
-                                   else f"ok (loss err {err:.1e} <= {bound:.1e}{m.note})")
-                models[p] = m
+                out[p]["check"] = text
             fns = {}
             for p, m in models.items():
                 try:
@@ -210,20 +210,17 @@ def run(*, size: str, device: torch.device, dtypes: Sequence[torch.dtype], wante
                         m.step()
                     fns[p] = m.step
                 except Exception as exc:
-                    out[p]["status"] = common.status_of(exc, p)
-            timings = common.time_providers(fns, device, step_budget) if fns else {}
+                    out[p]["status"] = suite.status_of(exc, p)
             tokens = cfg["B"] * cfg["S"]
-            for p, t in timings.items():
-                r = out[p]
-                if isinstance(t, BaseException):
-                    r["status"] = common.status_of(t, p)
-                    continue
+
+            def record(r: dict, t, tokens=tokens) -> None:
                 r.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, samples=t.samples,
                          throughput=tokens / (t.median_ms * 1e-3))
-                if device.type == "cuda":
-                    r["peak_mem_mb"] = common.peak_memory_bytes(fns[p], device) / 2**20
+
+            driver.time_into_rows(fns, out, device, step_budget, record, memory=device.type == "cuda")
             rows.extend(out.values())
-            del models, fns
+            models.clear()
+            del fns
             gc.collect()
     return rows
 
@@ -245,7 +242,7 @@ def test_train(benchmark, bench_item):
     import pytest
 
     cfg, provider, device = bench_item
-    dtype = common.default_dtypes(OP, device.type)[0]
+    dtype = suite.default_dtypes(OP, device.type)[0]
     pytest.importorskip("transformers")
     why = _static_reason(provider, device)
     if why:
@@ -253,12 +250,12 @@ def test_train(benchmark, bench_item):
     try:
         ref64, base = _reference_loss(cfg, device, dtype)
         m = _Model(provider, cfg, device, dtype)
-        failure, _, _ = common.rule_2x("loss", OP, m.loss(), ref64, base, dtype)
+        failure, _, _ = checks.rule_2x("loss", OP, m.loss(), ref64, base, dtype)
         m.step()
     except Exception as exc:
-        pytest.skip(f"{provider}: {common.status_of(exc, provider)}")
+        pytest.skip(f"{provider}: {suite.status_of(exc, provider)}")
     if failure:
-        if provider in common.FUSEDFORMER_BACKENDS:
+        if provider in suite.FUSEDFORMER_BACKENDS:
             pytest.fail(f"{provider}: check failed: {failure}")
         pytest.skip(f"{provider}: check failed: {failure}")
 
@@ -267,6 +264,6 @@ def test_train(benchmark, bench_item):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.extra_info.update(op=OP, model=cfg["model"], provider=provider, dtype=common.DTYPE_NAMES[dtype])
+    benchmark.extra_info.update(op=OP, model=cfg["model"], provider=provider, dtype=suite.DTYPE_NAMES[dtype])
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     benchmark.extra_info["tokens_per_s"] = cfg["B"] * cfg["S"] / benchmark.stats.stats.median

@@ -75,7 +75,7 @@ def _parse(argv: Optional[Sequence[str]]):
     args = parser.parse_args(argv)
     import torch
 
-    from . import common
+    from . import suite
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,15 +99,15 @@ def _parse(argv: Optional[Sequence[str]]):
                          f"known: {', '.join(KNOWN_PROVIDERS)} (or 'all')")
     if args.dtype is not None:
         names = _csv_list(args.dtype)
-        bad = [d for d in names if d not in common.DTYPES]
+        bad = [d for d in names if d not in suite.DTYPES]
         if bad or not names:
             parser.error(f"--dtype: unknown dtype(s) {', '.join(bad) or '(none given)'}; "
-                         f"choose from {', '.join(common.DTYPES)}")
-        args.dtype = [common.DTYPES[d] for d in names]
+                         f"choose from {', '.join(suite.DTYPES)}")
+        args.dtype = [suite.DTYPES[d] for d in names]
     args.modes = _csv_list(args.modes)
-    bad = [m for m in args.modes if m not in common.MODES]
+    bad = [m for m in args.modes if m not in suite.MODES]
     if bad or not args.modes:
-        parser.error(f"--modes: unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(common.MODES)}")
+        parser.error(f"--modes: unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(suite.MODES)}")
     if args.seconds is not None and not (0 < args.seconds <= 600):
         parser.error(f"--seconds: expected a number of seconds in (0, 600], got {args.seconds}")
     if args.baseline is not None and args.baseline not in KNOWN_PROVIDERS:
@@ -128,18 +128,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     import torch
 
-    from . import bench_attention, bench_gelu_ffn, bench_layer_norm, bench_train, common, plot
+    from . import (bench_attention, bench_gelu_ffn, bench_layer_norm, bench_train, ceilings, driver, environment, memory,
+                   plot, results, suite, timing)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     device = torch.device(args.device)
     start = time.perf_counter()
-    heap_kept = device.type == "cpu" and args.cpu_heap == "kept" and common.keep_cpu_heap()
+    heap_kept = device.type == "cpu" and args.cpu_heap == "kept" and memory.keep_cpu_heap()
     if device.type == "cpu" and args.cpu_heap == "kept" and not heap_kept:
         log("note: could not set malloc options (not glibc?); CPU timings include page faults")
-    env = common.environment(device, heap_kept)
-    budget = common.QUICK_BUDGET if args.size == "quick" else common.FULL_BUDGET
+    env = environment.environment(device, heap_kept)
+    budget = timing.QUICK_BUDGET if args.size == "quick" else timing.FULL_BUDGET
     if args.seconds is not None:
         budget = dataclasses.replace(budget, seconds=args.seconds, max_samples=max(budget.max_samples, 200),
                                      slow_seconds=max(budget.slow_seconds, 3 * args.seconds))
@@ -147,14 +148,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"fusedformer-bench --{args.size} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda']}, git {env['git_sha']})")
 
-    dtype_sets = {op: (args.dtype or common.default_dtypes(op, device.type)) for op in args.ops}
+    dtype_sets = {op: (args.dtype or suite.default_dtypes(op, device.type)) for op in args.ops}
     all_dtypes = list(dict.fromkeys(d for ds in dtype_sets.values() for d in ds))
     log("measuring ceilings (a large copy, a large matmul per dtype) ...")
-    ceilings = common.measure_ceilings(device, all_dtypes, budget)
-    ceiling_text = f"copy {ceilings.copy_gbps:.1f} GB/s; " + "; ".join(
-        f"matmul {common.DTYPE_NAMES[d]} {t:.3g} TFLOP/s" for d, t in ceilings.matmul_tflops.items())
-    print(f"ceilings on {env['device']}: {ceiling_text} ({ceilings.notes})")
-    all_rows = [common.ceiling_rows(env, ceilings)]
+    measured = ceilings.measure_ceilings(device, all_dtypes, budget)
+    ceiling_text = f"copy {measured.copy_gbps:.1f} GB/s; " + "; ".join(
+        f"matmul {suite.DTYPE_NAMES[d]} {t:.3g} TFLOP/s" for d, t in measured.matmul_tflops.items())
+    print(f"ceilings on {env['device']}: {ceiling_text} ({measured.notes})")
+    all_rows = [ceilings.ceiling_rows(env, measured)]
 
     kernel_modules = {"attention": bench_attention, "layer_norm": bench_layer_norm, "gelu_ffn": bench_gelu_ffn}
     for op in args.ops:
@@ -165,23 +166,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    budget=budget, env=env, skipped=args.skipped,
                                    baseline=args.baseline or DEFAULT_BASELINE[op], log=log)
         else:
-            rows = common.run_op(kernel_modules[op].bench(), size=args.size, device=device, dtypes=dtype_sets[op],
-                                 wanted=args.backends, budget=budget, ceilings=ceilings, env=env,
+            rows = driver.run_op(kernel_modules[op].bench(), size=args.size, device=device, dtypes=dtype_sets[op],
+                                 wanted=args.backends, budget=budget, ceilings=measured, env=env,
                                  modes=args.modes, skipped=args.skipped,
                                  baseline=args.baseline or DEFAULT_BASELINE[op], log=log)
-        common.add_speedups(rows, args.baseline or DEFAULT_BASELINE[op])
-        print(common.format_table(rows), flush=True)
+        results.add_speedups(rows, args.baseline or DEFAULT_BASELINE[op])
+        print(results.format_table(rows), flush=True)
         log(f"{op}: {time.perf_counter() - t0:.0f} s")
         all_rows.append(rows)
         if not args.no_save:
-            common.append_csv(out_dir / f"{op}.csv", rows)
+            results.append_csv(out_dir / f"{op}.csv", rows)
             for sweep in dict.fromkeys(r["sweep"] for r in rows):
                 path = out_dir / f"{op}-{sweep}-{device.type}.png"
                 title = f"{op} / {sweep} on {env['device']} — {env['date']}, git {env['git_sha']}"
                 if plot.plot_sweep([r for r in rows if r["sweep"] == sweep], path, title):
                     log(f"  wrote {path}")
     if not args.no_save:
-        common.append_csv(out_dir / "ceilings.csv", all_rows[0])
+        results.append_csv(out_dir / "ceilings.csv", all_rows[0])
         log(f"rows appended to {out_dir}/<op>.csv")
     log(f"done in {time.perf_counter() - start:.0f} s")
     return 0

@@ -32,7 +32,7 @@ def pytest_generate_tests(metafunc):
         return
     import torch
 
-    from . import common
+    from . import pytest_bench
 
     config = metafunc.config
     device_name = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,6 +40,6 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError("--bench-device cuda: no CUDA GPU is visible to torch")
     wanted = config.getoption("--bench-backends")
     wanted = None if wanted == "all" else [w.strip() for w in wanted.split(",") if w.strip()]
-    items, ids = common.pytest_items(metafunc.module, config.getoption("--bench-size"),
+    items, ids = pytest_bench.pytest_items(metafunc.module, config.getoption("--bench-size"),
                                      torch.device(device_name), wanted)
     metafunc.parametrize("bench_item", items, ids=ids)
