@@ -1,28 +1,38 @@
-// layer_norm on CUDA GPUs: the math is in layer_norm.h.
+// layer_norm on CUDA GPUs: the kernels and their templated launchers. The math is in layer_norm.h.
 //
 // Forward: one thread block per row (grid-stride over rows). Threads walk the row in 16-byte packs
 // (VEC = 16 / sizeof(T) elements) when N and every pointer allow it, else element by element.
 // Pass 1 forms h = x * Z + residual (dropout mask from Philox, in-kernel), stores the rounded h
-// when it is an output, and sums it; pass 2 sums squared deviations; pass 3 writes y. Passes 2-3
-// read h from a shared-memory copy of the row when it fits (N <= ~12k), else again from global
-// memory (the stored h, or x), which gives the same values.
+// when it is an output, and sums it; pass 2 sums the deviations from that first mean and their
+// squares (the deviations refine the mean, see below); pass 3 writes y. Passes 2-3 read h from a
+// shared-memory copy of the row when it fits (N <= ~12k), else again from global memory (the
+// stored h, or x), which gives the same values.
 //
 // Backward: G = min(M, 4 * SMs) blocks, each owning rows m = g, g + G, ...; per row a first pass
 // sums g * xhat and g, a second writes dh (and dx) and adds dy * xhat, dy into the block's float32
 // partial row for dw / db (in shared memory when 2N floats fit, else in the global partial buffer;
 // each thread only ever touches its own columns, so no atomics). A column kernel then adds the G
 // partial rows in order: deterministic for a given device and shape.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-
+//
+// This header uses simt/simt.cuh and common/ only (no ATen), so the same kernels and launchers
+// compile with nvcc (instantiated by layer_norm_cuda_fwd.cu / _bwd.cu behind the launchers of
+// layer_norm_cuda.h) and, with -DFF_SIMT_EMULATION, with a host C++ compiler for the emulated tests
+// (csrc/tests/emu/emu_layer_norm.cpp). The host side — the scratch allocation, the stream, the SM
+// count — is layer_norm_cuda.cpp.
+#pragma once
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
 
 #include "common/cuda_utils.cuh"
+#include "common/philox.h"
 #include "layer_norm/layer_norm.h"
+#include "layer_norm/layer_norm_cuda.h"
+#include "simt/simt.cuh"
 
-namespace ff::layer_norm {
-namespace {
+namespace ff::layer_norm::gpu {
 
 using ff::cuda::block_sum;
 using ff::cuda::from_float;
@@ -32,39 +42,40 @@ using ff::cuda::to_float;
 
 constexpr int kScratch = 32;                    // floats of shared memory for block_sum
 constexpr int64_t kSmemBudget = 48 * 1024;      // bytes usable without an opt-in
+constexpr int kReduceThreads = 256;             // threads per block of the dw / db column kernel
 
 template <typename T>
 struct FwdArgs {
-  const T* x;
-  const T* residual;
-  const void* weight;
-  const void* bias;
-  T* y;
-  T* h;
-  float* mean;
-  float* rstd;
+  const T* x;          // (M, N)
+  const T* residual;   // (M, N) or nullptr
+  const void* weight;  // (N,) W or nullptr
+  const void* bias;    // (N,) W or nullptr
+  T* y;                // (M, N)
+  T* h;                // (M, N) or nullptr (h == x)
+  float* mean;         // (M,) or nullptr (RMSNorm)
+  float* rstd;         // (M,)
   int64_t M, N;
   float eps;
   bool rms;
-  bool cache_row;
+  bool cache_row;      // keep h in shared memory between the passes
   DropoutParams dropout;
 };
 
 template <typename T>
 struct BwdArgs {
-  const T* dy;
-  const T* dh_out;
-  const T* h;
-  const void* weight;
-  const float* mean;
-  const float* rstd;
-  T* dh;
-  T* dx;
-  float* part_dw;   // (G, N)
-  float* part_db;   // (G, N)
+  const T* dy;         // (M, N)
+  const T* dh_out;     // (M, N) or nullptr
+  const T* h;          // (M, N)
+  const void* weight;  // (N,) W or nullptr
+  const float* mean;   // (M,) or nullptr (RMSNorm)
+  const float* rstd;   // (M,)
+  T* dh;               // (M, N)
+  T* dx;               // (M, N) or nullptr (no dropout)
+  float* part_dw;      // (G, N)
+  float* part_db;      // (G, N)
   int64_t M, N;
   bool rms;
-  bool smem_partials;
+  bool smem_partials;  // the block's partial rows in shared memory
   DropoutParams dropout;
 };
 
@@ -102,8 +113,8 @@ __device__ __forceinline__ void reload_h(const FwdArgs<T>& a, const float* cache
 }
 
 template <typename T, typename W, int VEC>
-__global__ void ln_fwd_kernel(FwdArgs<T> a) {
-  extern __shared__ float smem[];
+__global__ void ln_fwd_kernel(const FwdArgs<T> a) {
+  FF_DYNAMIC_SMEM(float, smem);
   float* scratch = smem;
   float* cache = a.cache_row ? smem + kScratch : nullptr;
   const int64_t N = a.N;
@@ -120,6 +131,7 @@ __global__ void ln_fwd_kernel(FwdArgs<T> a) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) v[j] = to_float(from_float<T>(v[j]));  // the stored, rounded h
       }
+      // Each thread writes and later reads back only its own columns of the cache: no barrier.
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         if (cache) cache[c + j] = v[j];
@@ -164,8 +176,8 @@ __global__ void ln_fwd_kernel(FwdArgs<T> a) {
 }
 
 template <typename T, typename W, int VEC>
-__global__ void ln_bwd_kernel(BwdArgs<T> a) {
-  extern __shared__ float smem[];
+__global__ void ln_bwd_kernel(const BwdArgs<T> a) {
+  FF_DYNAMIC_SMEM(float, smem);
   float* scratch = smem;
   const int64_t N = a.N;
   float* pdw = a.smem_partials ? smem + kScratch : a.part_dw + blockIdx.x * N;
@@ -251,8 +263,10 @@ __global__ void ln_bwd_reduce_kernel(const float* part_dw, const float* part_db,
 }
 
 // ---------------------------------------------------------------------------------------------
-// launch helpers
+// Host launchers (pointers are device pointers; under emulation, host memory)
 // ---------------------------------------------------------------------------------------------
+
+// 16 / sizeof(T) when N and every pointer allow 16-byte packs, else 1.
 template <typename T>
 int vector_width(int64_t N, std::initializer_list<const void*> ptrs) {
   constexpr int full = 16 / sizeof(T);
@@ -262,101 +276,76 @@ int vector_width(int64_t N, std::initializer_list<const void*> ptrs) {
   return full;
 }
 
-int sm_count() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
-int threads_for(int64_t N, int vec) {
+inline int threads_for(int64_t N, int vec) {
   const int64_t packs = (N + vec - 1) / vec;
   const int64_t want = (packs + 3) / 4;  // about four packs per thread
   return static_cast<int>(std::clamp<int64_t>((want + 31) / 32 * 32, 32, 1024));
 }
 
-template <typename T, typename W, int VEC>
-void launch_fwd(const FwdArgs<T>& a, int threads, size_t smem, int grid, cudaStream_t stream) {
-  ln_fwd_kernel<T, W, VEC><<<grid, threads, smem, stream>>>(a);
-  FF_CUDA_CHECK_LAUNCH();
-}
-
-template <typename T, typename W, int VEC>
-void launch_bwd(const BwdArgs<T>& a, int threads, size_t smem, int grid, cudaStream_t stream) {
-  ln_bwd_kernel<T, W, VEC><<<grid, threads, smem, stream>>>(a);
-  FF_CUDA_CHECK_LAUNCH();
-}
-
 template <typename T, typename W>
-void forward(const FwdParams& p) {
+void launch_fwd(const FwdParams& p, const Launch& l) {
   FwdArgs<T> a{static_cast<const T*>(p.x), static_cast<const T*>(p.residual), p.weight, p.bias,
                static_cast<T*>(p.y), static_cast<T*>(p.h), p.mean, p.rstd, p.M, p.N, p.eps, p.rms, false,
                p.dropout};
-  const int sms = sm_count();
   const int vec = vector_width<T>(p.N, {p.x, p.residual, p.y, p.h});
   const int threads = threads_for(p.N, vec);
   a.cache_row = static_cast<int64_t>(kScratch + p.N) * 4 <= kSmemBudget;
   const size_t smem = (kScratch + (a.cache_row ? p.N : 0)) * sizeof(float);
-  const int grid = static_cast<int>(std::min<int64_t>(p.M, static_cast<int64_t>(sms) * std::max(1, 2048 / threads)));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t grid = std::min<int64_t>(p.M, static_cast<int64_t>(l.num_sms) * std::max(1, 2048 / threads));
   constexpr int full = 16 / sizeof(T);
-  if (vec == full) launch_fwd<T, W, full>(a, threads, smem, grid, stream);
-  else launch_fwd<T, W, 1>(a, threads, smem, grid, stream);
+  auto kernel = vec == full ? ln_fwd_kernel<T, W, full> : ln_fwd_kernel<T, W, 1>;
+  ff::simt::launch(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads), smem, l.stream, a);
 }
 
 template <typename T, typename W>
-void backward(const BwdParams& p) {
-  const int sms = sm_count();
+void launch_bwd(const BwdParams& p, float* partials, const Launch& l) {
   const int vec = vector_width<T>(p.N, {p.dy, p.dh_out, p.h, p.dh, p.dx});
   const int threads = threads_for(p.N, vec);
-  const int64_t G = std::min<int64_t>(p.M, static_cast<int64_t>(sms) * 4);
-  auto parts = at::empty({2, G, p.N}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+  const int64_t G = bwd_blocks(p.M, l.num_sms);
   BwdArgs<T> a{static_cast<const T*>(p.dy), static_cast<const T*>(p.dh_out), static_cast<const T*>(p.h),
                p.weight, p.mean, p.rstd, static_cast<T*>(p.dh), static_cast<T*>(p.dx),
-               parts.data_ptr<float>(), parts.data_ptr<float>() + G * p.N, p.M, p.N, p.rms, false, p.dropout};
+               partials, partials + G * p.N, p.M, p.N, p.rms, false, p.dropout};
   a.smem_partials = static_cast<int64_t>(kScratch + 2 * p.N) * 4 <= kSmemBudget;
   const size_t smem = (kScratch + (a.smem_partials ? 2 * p.N : 0)) * sizeof(float);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int full = 16 / sizeof(T);
-  if (vec == full) launch_bwd<T, W, full>(a, threads, smem, static_cast<int>(G), stream);
-  else launch_bwd<T, W, 1>(a, threads, smem, static_cast<int>(G), stream);
+  auto kernel = vec == full ? ln_bwd_kernel<T, W, full> : ln_bwd_kernel<T, W, 1>;
+  ff::simt::launch(kernel, dim3(static_cast<unsigned>(G)), dim3(threads), smem, l.stream, a);
   if (p.dweight || p.dbias) {
-    const int rthreads = 256;
-    const int rgrid = static_cast<int>((p.N + rthreads - 1) / rthreads);
-    ln_bwd_reduce_kernel<W><<<rgrid, rthreads, 0, stream>>>(a.part_dw, a.part_db, G, p.N,
-                                                            static_cast<W*>(p.dweight), static_cast<W*>(p.dbias));
-    FF_CUDA_CHECK_LAUNCH();
+    const int64_t rgrid = (p.N + kReduceThreads - 1) / kReduceThreads;
+    ff::simt::launch(ln_bwd_reduce_kernel<W>, dim3(static_cast<unsigned>(rgrid)), dim3(kReduceThreads), 0, l.stream,
+                     static_cast<const float*>(a.part_dw), static_cast<const float*>(a.part_db), G, p.N,
+                     static_cast<W*>(p.dweight), static_cast<W*>(p.dbias));
   }
 }
 
-// dtype dispatch: T in {float, half, bfloat16}; W (weight/bias) is T or float.
-template <template <typename, typename> class Fn, typename P>
-void dispatch(const P& p) {
-  const bool wf32 = p.wtype == c10::kFloat;
-  switch (p.dtype) {
-    case c10::kFloat: Fn<float, float>::run(p); break;
-    case c10::kHalf:
-      if (wf32) Fn<__half, float>::run(p); else Fn<__half, __half>::run(p);
-      break;
-    case c10::kBFloat16:
-      if (wf32) Fn<__nv_bfloat16, float>::run(p); else Fn<__nv_bfloat16, __nv_bfloat16>::run(p);
-      break;
-    default: TORCH_CHECK_TYPE(false, "layer_norm: unsupported dtype ", p.dtype);
-  }
-}
-
+// dtype dispatch: T in {float, half, bfloat16}; W (weight / bias) is T or float.
 template <typename T, typename W>
 struct Fwd {
-  static void run(const FwdParams& p) { forward<T, W>(p); }
+  static void run(const FwdParams& p, const Launch& l) { launch_fwd<T, W>(p, l); }
 };
 template <typename T, typename W>
 struct Bwd {
-  static void run(const BwdParams& p) { backward<T, W>(p); }
+  static void run(const BwdParams& p, float* partials, const Launch& l) { launch_bwd<T, W>(p, partials, l); }
 };
 
-}  // namespace
+template <template <typename, typename> class Fn, typename P, typename... Args>
+void dispatch(const P& p, Args... args) {
+  const bool wf32 = p.wtype == c10::ScalarType::Float;
+  if (!wf32 && p.wtype != p.dtype) {
+    throw std::invalid_argument(std::string("layer_norm (cuda): weight dtype ") + c10::toString(p.wtype) +
+                                " is neither float32 nor the input's " + c10::toString(p.dtype));
+  }
+  switch (p.dtype) {
+    case c10::ScalarType::Float: return Fn<float, float>::run(p, args...);
+    case c10::ScalarType::Half:
+      if (wf32) return Fn<__half, float>::run(p, args...);
+      return Fn<__half, __half>::run(p, args...);
+    case c10::ScalarType::BFloat16:
+      if (wf32) return Fn<__nv_bfloat16, float>::run(p, args...);
+      return Fn<__nv_bfloat16, __nv_bfloat16>::run(p, args...);
+    default:
+      throw std::invalid_argument(std::string("layer_norm (cuda): unsupported dtype ") + c10::toString(p.dtype));
+  }
+}
 
-void fwd_cuda(const FwdParams& p) { dispatch<Fwd>(p); }
-void bwd_cuda(const BwdParams& p) { dispatch<Bwd>(p); }
-
-}  // namespace ff::layer_norm
+}  // namespace ff::layer_norm::gpu
