@@ -16,10 +16,8 @@ import torch
 
 import fusedformer as ff
 from fusedformer.ops import attention as attention_op
-from fusedformer.ops import gelu_ffn as gelu_ffn_op
-from fusedformer.ops import layer_norm as layer_norm_op
 
-from conftest import skip_unless_available
+from model_helpers import OP, assert_grads_2x, model_backend, run
 from numerics import assert_2x
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,46 +25,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel,  # noqa: E402
                           GPT2Config, GPT2LMHeadModel)
 
-OP = "gelu_ffn"   # whole models: the matmul-heavy op's tolerances
-
-
-def model_backend(backend):
-    """Skip unless ``backend`` runs all three ops here (and not the slow Triton interpreter)."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("triton: the Triton CPU interpreter is too slow for whole-model tests (run them on a GPU)")
-    for op in (layer_norm_op, attention_op, gelu_ffn_op):
-        device = skip_unless_available(op, backend)
-    return device
-
-
 def converted(model, backend, device=None):
     m = copy.deepcopy(model)
     report = ff.convert(m, backend=backend)
     return m.to(device) if device is not None else m, report
 
-
-def run(model, batch, loss_fn, device=torch.device("cpu"), dtype=torch.float32):
-    """Forward + backward; returns (outputs dict of detached tensors on the CPU, grads by parameter name)."""
-    model = model.to(device=device, dtype=dtype)
-    model.zero_grad(set_to_none=True)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    outputs, loss = loss_fn(model, batch)
-    loss.backward()
-    grads = {n: (p.grad.detach().cpu() if p.grad is not None else None) for n, p in model.named_parameters()}
-    return {k: v.detach().cpu() for k, v in outputs.items()}, grads
-
-
-def assert_grads_2x(grads, ref_grads, base_grads):
-    assert grads.keys() == ref_grads.keys()
-    checked = 0
-    for name, ref in ref_grads.items():
-        if ref is None:
-            assert grads[name] is None, f"{name}: gradient where the original has none"
-            continue
-        assert grads[name] is not None, f"{name}: missing gradient"
-        assert_2x(f"grad {name}", OP, grads[name], ref, base_grads[name], torch.float32)
-        checked += 1
-    assert checked > 0
 
 
 # ------------------------------------------------------------------------------------------------

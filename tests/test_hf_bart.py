@@ -18,14 +18,11 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedformer as ff
-from fusedformer.ops import attention as attention_op
-from fusedformer.ops import gelu_ffn as gelu_ffn_op
-from fusedformer.ops import layer_norm as layer_norm_op
 
-from conftest import skip_unless_available
+import model_helpers
+from model_helpers import OP, OpCounter, assert_grads_2x, model_backend
 from numerics import assert_2x
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,20 +32,10 @@ from transformers.models.bart import modeling_bart as mb  # noqa: E402
 
 from fusedformer.integrations import hf_bart  # noqa: E402
 
-OP = "gelu_ffn"   # whole models: the matmul-heavy op's tolerances
 PAD, BOS, EOS = 1, 0, 2
 UNFUSED_ATEN = {"aten._softmax", "aten.softmax", "aten.native_layer_norm", "aten.layer_norm", "aten.gelu",
                 "aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_efficient_attention",
                 "aten._scaled_dot_product_flash_attention", "aten.scaled_dot_product_attention"}
-
-
-def model_backend(backend):
-    """Skip unless ``backend`` runs all three ops here (and not the slow Triton interpreter)."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("triton: the Triton CPU interpreter is too slow for whole-model tests (run them on a GPU)")
-    for op in (layer_norm_op, attention_op, gelu_ffn_op):
-        device = skip_unless_available(op, backend)
-    return device
 
 
 def tiny_bart(seed=0, cls=BartForConditionalGeneration, **kw):
@@ -89,39 +76,7 @@ def weighted_loss(model, batch):
 
 
 def run(model, batch, loss_fn=weighted_loss, device=torch.device("cpu"), dtype=torch.float32):
-    """Forward + backward; (outputs as detached CPU tensors, gradients by parameter name)."""
-    model = model.to(device=device, dtype=dtype)
-    model.zero_grad(set_to_none=True)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    outputs, loss = loss_fn(model, batch)
-    loss.backward()
-    grads = {n: (p.grad.detach().cpu() if p.grad is not None else None) for n, p in model.named_parameters()}
-    return {k: v.detach().cpu() for k, v in outputs.items()}, grads
-
-
-def assert_grads_2x(grads, ref_grads, base_grads):
-    assert grads.keys() == ref_grads.keys()
-    checked = 0
-    for name, ref in ref_grads.items():
-        if ref is None:
-            assert grads[name] is None, f"{name}: gradient where the original has none"
-            continue
-        assert grads[name] is not None, f"{name}: missing gradient"
-        assert_2x(f"grad {name}", OP, grads[name], ref, base_grads[name], torch.float32)
-        checked += 1
-    assert checked > 0
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every op dispatched (fused ops appear as ``fusedformer.<op>``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+    return model_helpers.run(model, batch, loss_fn, device, dtype)
 
 
 def expected_fused_calls(config, cross: bool = True, embedding_norms: int = 2) -> dict:

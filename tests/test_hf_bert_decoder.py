@@ -10,18 +10,13 @@ train mode between backends, and greedy generation with the cache in a BERT2BERT
 import copy
 import os
 import warnings
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedformer as ff
-from fusedformer.ops import attention as attention_op
-from fusedformer.ops import gelu_ffn as gelu_ffn_op
-from fusedformer.ops import layer_norm as layer_norm_op
 
-from conftest import skip_unless_available
+from model_helpers import OP, OpCounter, model_backend
 from numerics import assert_2x
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,16 +25,7 @@ from transformers import BertConfig, BertLMHeadModel, BertModel, EncoderDecoderM
 
 from fusedformer.integrations import hf_bert  # noqa: E402
 
-OP = "gelu_ffn"
 UNFUSED_ATEN = {"aten._softmax", "aten.native_layer_norm", "aten._scaled_dot_product_flash_attention_for_cpu"}
-
-
-def model_backend(backend):
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("triton: the Triton CPU interpreter is too slow for whole-model tests (run them on a GPU)")
-    for op in (layer_norm_op, attention_op, gelu_ffn_op):
-        device = skip_unless_available(op, backend)
-    return device
 
 
 def config(**kw):
@@ -80,16 +66,6 @@ def run(model, b, device=torch.device("cpu"), dtype=torch.float32):
     y, loss = loss_fn(model, b)
     loss.backward()
     return y.detach().cpu(), {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("head,cross,impl,pad", [

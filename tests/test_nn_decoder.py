@@ -7,19 +7,14 @@ TorchDispatchMode, that a converted ``nn.Transformer`` runs every attention, Lay
 feed-forward on the fused ops (torch's softmax / LayerNorm / GELU kernels never run).
 """
 import copy
-from collections import Counter
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedformer as ff
-from fusedformer.ops import attention as attention_op
-from fusedformer.ops import gelu_ffn as gelu_ffn_op
-from fusedformer.ops import layer_norm as layer_norm_op
 
-from conftest import skip_unless_available
+from model_helpers import OpCounter, model_backend
 from numerics import assert_2x
 
 D_MODEL, NHEAD, FF = 32, 4, 48
@@ -28,12 +23,7 @@ UNFUSED_ATEN = {"aten._softmax", "aten.native_layer_norm", "aten.gelu",
 
 
 def needs(backend):
-    import os
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("triton: the Triton CPU interpreter is too slow for whole-layer tests (run them on a GPU)")
-    for op in (layer_norm_op, attention_op, gelu_ffn_op):
-        device = skip_unless_available(op, backend)
-    return device
+    return model_backend(backend, "whole-layer")
 
 
 def inputs(seed=3, B=3, T=6, S=9):
@@ -116,16 +106,6 @@ def test_decoder_layer_train_mode_same_on_every_backend(backend, norm_first):
     f.eval()
     evaluated, _ = run(copy.deepcopy(f), *args, torch.float32, torch.device("cpu"))
     assert (evaluated - base).abs().max() > 1e-2, "train mode applied no dropout"
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_convert_transformer_decoder_everything_fused():

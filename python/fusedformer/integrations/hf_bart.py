@@ -46,14 +46,11 @@ from torch import Tensor, nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.bart import modeling_bart as mb
 
-from .. import nn as ffnn
 from ..nn._base import FusedModule, dropout_p, linear_gelu_linear, residual_layer_norm
 from ..ops.attention import attention
 from . import hf_common as hf
 from . import registry
 from .rules import Rule
-
-_LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
 
 
 def bart_attention(attn: mb.BartAttention, hidden_states: Tensor, key_value_states: Optional[Tensor],
@@ -189,7 +186,7 @@ def _unsupported(layer) -> Optional[str]:
         if type(getattr(layer, name)) is not nn.Linear:
             return f"{name} is a {type(getattr(layer, name)).__qualname__}, not nn.Linear"
     for name in norms:
-        if type(getattr(layer, name)) not in _LAYER_NORMS:
+        if type(getattr(layer, name)) not in hf.LAYER_NORMS:
             return f"{name} is a {type(getattr(layer, name)).__qualname__}, not nn.LayerNorm"
     return hf.attn_implementation_reason(layer.self_attn.config)
 

@@ -33,8 +33,7 @@ from typing import Optional
 from torch import Tensor, nn
 from transformers.models.bert import modeling_bert as mb
 
-from .. import nn as ffnn
-from ..nn._base import FusedModule, dropout_p, linear_gelu_linear, residual_layer_norm
+from ..nn._base import dropout_p, linear_gelu_linear, residual_layer_norm
 from ..ops.attention import attention
 from . import hf_bert_decoder
 from . import hf_common as hf
@@ -42,18 +41,10 @@ from . import registry
 from .rules import Rule
 
 
-class FusedBertLayer(FusedModule, mb.BertLayer):
+class FusedBertLayer(hf.PatchableLayer, mb.BertLayer):
     """``transformers`` ``BertLayer`` on the fused kernels (see the module docstring)."""
 
     _ff_torch_class = mb.BertLayer
-    _ff_attributes = ("backend", "_ff_static_reason")
-    backend = None          # a layer transformers built from this class chooses its backend per call
-
-    @classmethod
-    def _ff_adopt(cls, module, backend):
-        module = super()._ff_adopt(module, backend)
-        module._ff_static_reason = None      # convert() checked the parts
-        return module
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
@@ -96,8 +87,6 @@ class FusedBertLayer(FusedModule, mb.BertLayer):
         return residual_layer_norm(out.LayerNorm, f, a, dropout_p(out.dropout, out.training), backend=self.backend)
 
 
-_LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
-
 
 def _unsupported(layer: mb.BertLayer) -> Optional[str]:
     return hf.transformers_version_reason() or _unsupported_parts(layer) or \
@@ -125,7 +114,7 @@ def _unsupported_parts(layer: mb.BertLayer) -> Optional[str]:
             return f"{name} is a {type(linear).__qualname__}, not nn.Linear"
     for name, norm in (("attention.output.LayerNorm", layer.attention.output.LayerNorm),
                        ("output.LayerNorm", layer.output.LayerNorm)):
-        if type(norm) not in _LAYER_NORMS:
+        if type(norm) not in hf.LAYER_NORMS:
             return f"{name} is a {type(norm).__qualname__}, not nn.LayerNorm"
     return None
 

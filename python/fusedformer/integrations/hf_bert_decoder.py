@@ -22,12 +22,9 @@ from torch import Tensor, nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.bert import modeling_bert as mb
 
-from .. import nn as ffnn
 from ..nn._base import dropout_p, linear_gelu_linear, residual_layer_norm
 from ..ops.attention import attention
 from . import hf_common as hf
-
-_LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
 
 
 def decoder_parts_reason(layer: mb.BertLayer) -> Optional[str]:
@@ -47,7 +44,7 @@ def decoder_parts_reason(layer: mb.BertLayer) -> Optional[str]:
             return f"crossattention.self.{name} is a {type(getattr(ca.self, name)).__qualname__}, not nn.Linear"
     if type(ca.output.dense) is not nn.Linear:
         return f"crossattention.output.dense is a {type(ca.output.dense).__qualname__}, not nn.Linear"
-    if type(ca.output.LayerNorm) not in _LAYER_NORMS:
+    if type(ca.output.LayerNorm) not in hf.LAYER_NORMS:
         return f"crossattention.output.LayerNorm is a {type(ca.output.LayerNorm).__qualname__}, not nn.LayerNorm"
     return None
 

@@ -21,9 +21,13 @@ import weakref
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..nn._base import gelu_approximation
+from .. import nn as ffnn
+from ..nn._base import FusedModule, gelu_approximation
+
+# The LayerNorm classes a converted layer's norms may be (torch's, or already fused).
+LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
 
 # Attention implementations whose masks the fused layers understand: a 4-D bool mask (True = may
 # attend: "sdpa", and "fusedformer", which registers transformers' SDPA mask builder) or a 4-D
@@ -153,6 +157,22 @@ def static_reason(layer, unsupported) -> Optional[str]:
     if "_ff_static_reason" not in d:
         d["_ff_static_reason"] = unsupported(layer)
     return d["_ff_static_reason"]
+
+
+class PatchableLayer(FusedModule):
+    """A fused layer class that transformers may also build itself
+    (``transformers.monkey_patching.register_patch_mapping``): such a layer has no backend of its
+    own (chosen per call) and checks its parts on its first call (:func:`static_reason`); a layer
+    ``convert`` adopted has the conversion's backend and was checked then."""
+
+    _ff_attributes = ("backend", "_ff_static_reason")
+    backend = None
+
+    @classmethod
+    def _ff_adopt(cls, module, backend):
+        module = super()._ff_adopt(module, backend)
+        module._ff_static_reason = None      # convert() checked the parts
+        return module
 
 
 def pop_cache(cache, kwargs: dict):

@@ -27,31 +27,22 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2 import modeling_gpt2 as mg
 from transformers.pytorch_utils import Conv1D
 
-from .. import nn as ffnn
-from ..nn._base import FusedModule, dropout_p, linear_gelu_linear, residual_layer_norm
+from ..nn._base import dropout_p, linear_gelu_linear, residual_layer_norm
 from ..ops.attention import attention
 from . import hf_common as hf
 from . import registry
 from .rules import Rule
 
 
-class FusedGPT2Block(FusedModule, mg.GPT2Block):
+class FusedGPT2Block(hf.PatchableLayer, mg.GPT2Block):
     """``transformers`` ``GPT2Block`` on the fused kernels (see the module docstring)."""
 
     _ff_torch_class = mg.GPT2Block
-    _ff_attributes = ("backend", "_ff_static_reason")
-    backend = None          # a block transformers built from this class chooses its backend per call
-
-    @classmethod
-    def _ff_adopt(cls, module, backend):
-        module = super()._ff_adopt(module, backend)
-        module._ff_static_reason = None      # convert() checked the parts
-        return module
 
     def forward(self, hidden_states: Tensor, cache=None, attention_mask: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
@@ -95,8 +86,6 @@ class FusedGPT2Block(FusedModule, mg.GPT2Block):
         return s + f
 
 
-_LAYER_NORMS = (nn.LayerNorm, ffnn.LayerNorm)
-
 
 def _unsupported(block: mg.GPT2Block) -> Optional[str]:
     return hf.transformers_version_reason() or _unsupported_parts(block) or \
@@ -116,7 +105,7 @@ def _unsupported_parts(block: mg.GPT2Block) -> Optional[str]:
         if type(conv) is not Conv1D:
             return f"{name} is a {type(conv).__qualname__}, not Conv1D"
     for name in ("ln_1", "ln_2"):
-        if type(getattr(block, name)) not in _LAYER_NORMS:
+        if type(getattr(block, name)) not in hf.LAYER_NORMS:
             return f"{name} is a {type(getattr(block, name)).__qualname__}, not nn.LayerNorm"
     return None
 

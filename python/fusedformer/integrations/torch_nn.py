@@ -1,6 +1,7 @@
 """Conversion rules for ``torch.nn`` layers (registered with ``registry`` on import)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from torch import nn
@@ -15,17 +16,22 @@ from .rules import ConversionReport, Rule
 _SAVED_NESTED = "_ff_saved_use_nested_tensor"
 
 
-def _encoder_layer_unsupported(layer: nn.TransformerEncoderLayer) -> Optional[str]:
-    if type(layer.self_attn) not in (nn.MultiheadAttention, ffnn.MultiheadAttention):
-        return f"self_attn is a {type(layer.self_attn).__qualname__}, not nn.MultiheadAttention"
-    for name in ("norm1", "norm2"):
+def _layer_unsupported(layer: nn.Module, fused: type) -> Optional[str]:
+    """Why a torch Transformer layer does not convert to ``fused`` (one of the fused layer classes),
+    or None: its attentions and norms (named by ``fused``) must be the torch (or fused) classes."""
+    for name in fused._ff_attentions:
+        attn = getattr(layer, name)
+        if type(attn) not in (nn.MultiheadAttention, ffnn.MultiheadAttention):
+            return f"{name} is a {type(attn).__qualname__}, not nn.MultiheadAttention"
+    for name in fused._ff_norms:
         norm = getattr(layer, name)
         if type(norm) not in (nn.LayerNorm, ffnn.LayerNorm):
             return f"{name} is a {type(norm).__qualname__}, not nn.LayerNorm"
     return None
 
 
-def _encoder_layer_notes(layer: nn.TransformerEncoderLayer) -> list:
+def _layer_notes(layer: nn.Module) -> list:
+    """What of a converted torch Transformer layer's feed-forward stays unfused."""
     if gelu_approximation(layer.activation) is None:
         act = getattr(layer.activation, "__name__", type(layer.activation).__name__)
         return [f"activation {act} is not a GELU: the feed-forward runs as plain torch ops "
@@ -41,10 +47,10 @@ def rules() -> list:
         Rule(nn.LayerNorm, ffnn.LayerNorm),
         Rule(nn.RMSNorm, ffnn.RMSNorm),
         Rule(nn.MultiheadAttention, ffnn.MultiheadAttention),
-        Rule(nn.TransformerEncoderLayer, ffnn.TransformerEncoderLayer, _encoder_layer_unsupported,
-             _encoder_layer_notes),
-        Rule(nn.TransformerDecoderLayer, ffnn.TransformerDecoderLayer, ffnn.decoder.conversion_unsupported,
-             ffnn.decoder.conversion_notes),
+        Rule(nn.TransformerEncoderLayer, ffnn.TransformerEncoderLayer,
+             functools.partial(_layer_unsupported, fused=ffnn.TransformerEncoderLayer), _layer_notes),
+        Rule(nn.TransformerDecoderLayer, ffnn.TransformerDecoderLayer,
+             functools.partial(_layer_unsupported, fused=ffnn.TransformerDecoderLayer), _layer_notes),
     ]
 
 
