@@ -121,12 +121,8 @@ class _Model:
 def _register_hf() -> str:
     """``attn_implementation="fusedformer"`` registered with transformers; its name."""
     try:
-        from fusedformer.integrations import register_hf
-    except ImportError as exc:
-        raise suite.Unavailable(f"fusedformer.integrations.register_hf is not available ({exc})") from exc
-    try:
-        return register_hf()
-    except ImportError as exc:
+        return fusedformer.integrations.register_hf()
+    except ImportError as exc:  # transformers missing, or older than 5
         raise suite.Unavailable(str(exc)) from exc
 
 
