@@ -94,18 +94,18 @@ def _cast(m, dtype, wdtype):
     return {k: None if v is None else v.to(wdtype if k in ("weight", "bias") else dtype) for k, v in m.items()}
 
 
-def _reference(t, eps, p, rms):
+def _reference(t, eps, p, rms, offset=OFFSET):
     """Reference forward and backward: (y, h, mean, rstd, dh, dx, dweight, dbias)."""
     seed_t = torch.tensor([SEED]) if p > 0 else None
     y, h, mean, rstd = reference.layer_norm_fwd(t["x"], t["residual"], t["weight"], t["bias"], eps, p, seed_t,
-                                                OFFSET, rms)
+                                                offset, rms)
     h_in = h if h.numel() else t["x"]
-    grads = reference.layer_norm_bwd(t["dy"], t["dh_out"], h_in, t["weight"], mean, rstd, p, seed_t, OFFSET, rms,
+    grads = reference.layer_norm_bwd(t["dy"], t["dh_out"], h_in, t["weight"], mean, rstd, p, seed_t, offset, rms,
                                      t["bias"] is not None)
     return (y, h, mean, rstd) + tuple(grads)
 
 
-def _run_emu(emu, t, eps, p, rms, sms, shift=0, host_scratch=False):
+def _run_emu(emu, t, eps, p, rms, sms, shift=0, host_scratch=False, offset=OFFSET):
     """The emulated kernels: (y, h, mean, rstd, dh, dx, dweight, dbias), empty tensors where the
     reference returns empty ones; inputs ``shift`` elements off 16-byte alignment."""
     x = t["x"]
@@ -117,7 +117,7 @@ def _run_emu(emu, t, eps, p, rms, sms, shift=0, host_scratch=False):
            "mean": None if rms else Guarded((M,), torch.float32), "rstd": Guarded((M,), torch.float32)}
     view = {k: None if g is None else g.view for k, g in out.items()}
     emu.fwd(placed(x, shift), placed(t["residual"], shift), t["weight"], t["bias"], view["y"], view["h"],
-            view["mean"], view["rstd"], eps, p, SEED, OFFSET, rms, sms)
+            view["mean"], view["rstd"], eps, p, SEED, offset, rms, sms)
     for name, g in out.items():
         if g is not None:
             g.assert_untouched(name)
@@ -130,7 +130,7 @@ def _run_emu(emu, t, eps, p, rms, sms, shift=0, host_scratch=False):
     gview = {k: None if g is None else g.view for k, g in grads.items()}
     scratch = None if host_scratch else torch.full((2 * emu.bwd_blocks(M, sms) * N,), float("nan"))
     emu.bwd(placed(t["dy"], shift), placed(t["dh_out"], shift), placed(h_in, shift), t["weight"], view["mean"],
-            view["rstd"], gview["dh"], gview["dx"], gview["dweight"], gview["dbias"], p, SEED, OFFSET, rms, sms,
+            view["rstd"], gview["dh"], gview["dx"], gview["dweight"], gview["dbias"], p, SEED, offset, rms, sms,
             scratch)
     for name, g in grads.items():
         if g is not None:
@@ -158,12 +158,12 @@ def _assert_rule(name, o, r, b, dtype, tight_if_base_meets_it):
 
 
 def _check(emu, m, dtype, *, eps=1e-5, p=0.0, rms=False, w_f32=False, sms=2, shift=0, host_scratch=False,
-           backward=True, tight_if_base_meets_it=False):
+           backward=True, tight_if_base_meets_it=False, offset=OFFSET):
     wdtype = torch.float32 if w_f32 else dtype
     t = _cast(m, dtype, wdtype)
-    got = _run_emu(emu, t, eps, p, rms, sms, shift, host_scratch)
-    base = _reference(t, eps, p, rms)
-    ref = _reference(_cast(m, torch.float64, torch.float64), eps, p, rms)
+    got = _run_emu(emu, t, eps, p, rms, sms, shift, host_scratch, offset)
+    base = _reference(t, eps, p, rms, offset)
+    ref = _reference(_cast(m, torch.float64, torch.float64), eps, p, rms, offset)
     for name, o, b, r in list(zip(NAMES, got, base, ref))[:8 if backward else 4]:
         if r.numel() == 0:
             assert o.numel() == 0, f"{name}: expected none"
@@ -225,17 +225,20 @@ def test_rows_about_1e3(emu, dtype, rms):
     _check(emu, m, dtype, rms=rms, tight_if_base_meets_it=True)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 7])
 @pytest.mark.parametrize("shift", [0, 1], ids=["packs", "scalar"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dropout_mask_is_the_reference_mask(emu, dtype, shift):
+def test_dropout_mask_is_the_reference_mask(emu, dtype, shift, offset):
     """Without a residual h = x * Z rounded once, in the kernel as in the reference: bitwise equal;
-    h and dx are zero exactly where fusedformer.rng drops (x and dh are never zero here)."""
+    h and dx are zero exactly where fusedformer.rng drops (x and dh are never zero here). N is a
+    multiple of 8, so (offset + n) mod 4 at a pack's first element is offset mod 4: offsets 0, 1, 2,
+    7 (and 3 in the other tests) put the packs at every position against the Philox blocks."""
     M, N, p = 9, 264, 0.3
     m = _masters(M, N, gen_seed=14)
-    got, base = _check(emu, m, dtype, p=p, shift=shift)
+    got, base = _check(emu, m, dtype, p=p, shift=shift, offset=offset)
     h, dx = got[1], got[5]
     assert torch.equal(h, base[1]), "h = dropout(x) differs from the reference's bits"
-    keep = rng.keep_mask((M, N), p, SEED, OFFSET)
+    keep = rng.keep_mask((M, N), p, SEED, offset)
     assert torch.equal(h != 0, keep), "forward dropout mask differs from fusedformer.rng's"
     assert torch.equal(dx != 0, keep), "backward dropout mask differs from fusedformer.rng's"
     assert 0.6 < keep.double().mean().item() < 0.8

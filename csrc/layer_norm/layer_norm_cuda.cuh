@@ -84,13 +84,46 @@ __device__ __forceinline__ float param_at(const void* p, int64_t c, float fill) 
   return p ? to_float(static_cast<const W*>(p)[c]) : fill;
 }
 
+// The dropout multipliers of the VEC consecutive logical elements n0 .. n0 + VEC - 1: the values
+// of dropout_multiplier(d, n0 + j), with one Philox call per block of four indices the pack
+// touches (VEC / 4 or VEC / 4 + 1 calls) instead of one per element. k = (offset + n0) mod 4 is
+// where the pack starts in its first block; element j is word (k + j) mod 4 of block (k + j) / 4,
+// picked with compile-time block indices and philox_word's selects, so the draws stay in
+// registers (a run-time index into the blocks would put them in local memory). Kept here rather
+// than in common/philox.h for now: the attention kernels draw pairs (dropout_pair).
+template <int VEC>
+__device__ __forceinline__ void dropout_multipliers(const DropoutParams& d, uint64_t n0, float (&z)[VEC]) {
+  if constexpr (VEC == 1) {
+    z[0] = dropout_multiplier(d, n0);
+  } else {
+    static_assert(VEC % 4 == 0, "packs are whole Philox blocks long");
+    constexpr int kBlocks = VEC / 4 + 1;
+    const uint32_t k = static_cast<uint32_t>((d.offset + n0) & 3);
+    Philox4 b[kBlocks];
+#pragma unroll
+    for (int i = 0; i < kBlocks; ++i) {
+      // The last block is needed only when the pack does not start a block (k is uniform over a
+      // row's packs: every c is a multiple of VEC).
+      b[i] = (i < VEC / 4 || k != 0) ? philox_block(d, n0 + 4 * static_cast<uint64_t>(i)) : Philox4{{0, 0, 0, 0}};
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const uint32_t t = k + static_cast<uint32_t>(j & 3);  // 0 .. 6
+      const uint32_t r = t < 4 ? philox_word(b[j / 4], t) : philox_word(b[j / 4 + 1], t - 4);
+      z[j] = r >= d.threshold ? d.scale : 0.f;
+    }
+  }
+}
+
 // h for VEC elements of row m starting at column c, as the forward defines it.
 template <typename T, int VEC>
 __device__ __forceinline__ void form_h(const FwdArgs<T>& a, int64_t m, int64_t c, float (&v)[VEC]) {
   load_floats<VEC>(a.x + m * a.N + c, v);
   if (a.dropout.enabled) {
+    float z[VEC];
+    dropout_multipliers<VEC>(a.dropout, static_cast<uint64_t>(m * a.N + c), z);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] *= dropout_multiplier(a.dropout, static_cast<uint64_t>(m * a.N + c + j));
+    for (int j = 0; j < VEC; ++j) v[j] *= z[j];
   }
   if (a.residual) {
     float r[VEC];
@@ -229,8 +262,10 @@ __global__ void ln_bwd_kernel(const BwdArgs<T> a) {
       }
       store_floats<VEC>(a.dh + m * N + c, dh);
       if (a.dx) {
+        float z[VEC];
+        dropout_multipliers<VEC>(a.dropout, static_cast<uint64_t>(m * N + c), z);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) dh[j] *= dropout_multiplier(a.dropout, static_cast<uint64_t>(m * N + c + j));
+        for (int j = 0; j < VEC; ++j) dh[j] *= z[j];
         store_floats<VEC>(a.dx + m * N + c, dh);
       }
     }
