@@ -2,6 +2,7 @@
 with dropout seeds drawn inside the graph — and matches eager execution bit for bit."""
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 import fusedformer as ff
 
@@ -25,10 +26,20 @@ def _args(gen):
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_fullgraph_compile_matches_eager(compile_backend, monkeypatch):
+def test_fullgraph_compile_matches_eager(compile_backend):
     # Inductor draws random numbers (here: the dropout seeds) with its own generator unless told to
     # fall back to eager's; with the fallback the seeds, hence the masks, are the same as in eager.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # torch's own config.patch, not pytest's monkeypatch: since pytest 9.2 monkeypatch's undo
+    # deletes an attribute it did not find in the target's __dict__, and deleting an entry of a
+    # torch config module hides it for the rest of the process (every later read of
+    # torch._inductor.config.fallback_random raises AttributeError).
+    before = inductor_config.fallback_random
+    with inductor_config.patch(fallback_random=True):
+        _compiled_matches_eager(compile_backend)
+    assert inductor_config.fallback_random == before, "the config patch must be undone"
+
+
+def _compiled_matches_eager(compile_backend):
     torch._dynamo.reset()
     args = _args(torch.Generator().manual_seed(0))
     compiled = torch.compile(block, fullgraph=True, backend=compile_backend)
