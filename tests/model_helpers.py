@@ -40,6 +40,14 @@ def run(model, batch, loss_fn, device=torch.device("cpu"), dtype=torch.float32):
     return {k: v.detach().cpu() for k, v in outputs.items()}, grads
 
 
+def fused_base_ref(run_one, backend, device):
+    """The three runs the 2x rule compares: ``run_one(backend, dtype, device)`` for ``backend`` in
+    float32 on ``device``, the reference in float32 on the CPU (the base) and in float64 (ref64)."""
+    cpu = torch.device("cpu")
+    return run_one(backend, torch.float32, device), run_one("reference", torch.float32, cpu), \
+        run_one("reference", torch.float64, cpu)
+
+
 def assert_grads_2x(grads, ref_grads, base_grads):
     assert grads.keys() == ref_grads.keys()
     checked = 0

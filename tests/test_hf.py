@@ -17,7 +17,7 @@ import torch
 import fusedformer as ff
 from fusedformer.ops import attention as attention_op
 
-from model_helpers import OP, assert_grads_2x, model_backend, run
+from model_helpers import OP, assert_grads_2x, fused_base_ref, model_backend, run
 from numerics import assert_2x
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,9 +112,7 @@ def test_minilm_train_mode_same_dropout_on_every_backend(minilm, backend):
         torch.manual_seed(2024)
         return run(m, batch, minilm_loss, dev, dtype)
 
-    out, grads = train_run(backend, torch.float32, device)
-    base, base_grads = train_run("reference", torch.float32, torch.device("cpu"))
-    ref, ref_grads = train_run("reference", torch.float64, torch.device("cpu"))
+    (out, grads), (base, base_grads), (ref, ref_grads) = fused_base_ref(train_run, backend, device)
     tokens = batch["attention_mask"].bool()
     assert_2x("train hidden state", OP, out["hidden"][tokens], ref["hidden"][tokens], base["hidden"][tokens],
               torch.float32)
@@ -400,9 +398,7 @@ def test_gpt2_train_mode_same_dropout_on_every_backend(backend):
         torch.manual_seed(77)
         return run(m, batch, gpt2_loss, dev, dtype)
 
-    out, grads = train_run(backend, torch.float32, device)
-    base, base_grads = train_run("reference", torch.float32, torch.device("cpu"))
-    ref, ref_grads = train_run("reference", torch.float64, torch.device("cpu"))
+    (out, grads), (base, base_grads), (ref, ref_grads) = fused_base_ref(train_run, backend, device)
     tokens = batch["attention_mask"].bool()
     assert_2x("train logits", OP, out["logits"][tokens], ref["logits"][tokens], base["logits"][tokens], torch.float32)
     assert_grads_2x(grads, ref_grads, base_grads)

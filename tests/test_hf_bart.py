@@ -22,7 +22,7 @@ import torch
 import fusedformer as ff
 
 import model_helpers
-from model_helpers import OP, OpCounter, assert_grads_2x, model_backend
+from model_helpers import OP, OpCounter, assert_grads_2x, fused_base_ref, model_backend
 from numerics import assert_2x
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,9 +149,7 @@ def test_bart_train_mode_same_dropout_on_every_backend(backend):
         torch.manual_seed(77)
         return run(m, batch, device=dev, dtype=dtype)
 
-    out, grads = train_run(backend, torch.float32, device)
-    base, base_grads = train_run("reference", torch.float32, torch.device("cpu"))
-    ref, ref_grads = train_run("reference", torch.float64, torch.device("cpu"))
+    (out, grads), (base, base_grads), (ref, ref_grads) = fused_base_ref(train_run, backend, device)
     tokens = batch["decoder_attention_mask"].bool()
     assert_2x("train logits", OP, out["logits"][tokens], ref["logits"][tokens], base["logits"][tokens],
               torch.float32)

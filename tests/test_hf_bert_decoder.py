@@ -16,7 +16,7 @@ import torch
 
 import fusedformer as ff
 
-from model_helpers import OP, OpCounter, model_backend
+from model_helpers import OP, OpCounter, fused_base_ref, model_backend
 from numerics import assert_2x
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,9 +119,7 @@ def test_bert_decoder_train_mode_same_dropout_on_every_backend(backend):
         torch.manual_seed(9)
         return run(m, b, dev, dtype)
 
-    out, grads = train_run(backend, torch.float32, device)
-    base, base_grads = train_run("reference", torch.float32, torch.device("cpu"))
-    ref, ref_grads = train_run("reference", torch.float64, torch.device("cpu"))
+    (out, grads), (base, base_grads), (ref, ref_grads) = fused_base_ref(train_run, backend, device)
     rows = b["attention_mask"].bool()
     assert_2x("train output", OP, out[rows], ref[rows], base[rows], torch.float32)
     for name in ref_grads:

@@ -14,7 +14,7 @@ from torch import nn
 
 import fusedformer as ff
 
-from model_helpers import OpCounter, model_backend
+from model_helpers import OpCounter, fused_base_ref, model_backend
 from numerics import assert_2x
 
 D_MODEL, NHEAD, FF = 32, 4, 48
@@ -97,9 +97,7 @@ def test_decoder_layer_train_mode_same_on_every_backend(backend, norm_first):
         torch.manual_seed(11)
         return run(layer, *args, dtype, dev)
 
-    out, grads = train_run(backend, torch.float32, device)
-    base, base_grads = train_run("reference", torch.float32, torch.device("cpu"))
-    ref, ref_grads = train_run("reference", torch.float64, torch.device("cpu"))
+    (out, grads), (base, base_grads), (ref, ref_grads) = fused_base_ref(train_run, backend, device)
     assert_2x("train out", "gelu_ffn", out, ref, base, torch.float32)
     for name in ref_grads:
         assert_2x(f"grad {name}", "gelu_ffn", grads[name], ref_grads[name], base_grads[name], torch.float32)
