@@ -68,29 +68,22 @@ def register_hf() -> str:
 # ------------------------------------------------------------------------------------------------
 # the backend a converted model asked for (convert(model, backend=..., attn_implementation=...))
 # ------------------------------------------------------------------------------------------------
-_BACKENDS: dict = {}    # id(config) -> (weakref to the config, backend)
+_BACKENDS = hf_common.WeakIdMap()    # config -> backend
 
 
 def set_backend(config, backend: Optional[str]) -> None:
     """Make the attention of layers holding ``config`` run on ``backend`` (None: chosen per call
     by ``use_backend`` / ``FUSEDFORMER_BACKEND`` / automatically). Kept outside the config, whose
     attributes ``save_pretrained`` writes."""
-    import weakref
-    k = id(config)
     if backend is None:
-        _BACKENDS.pop(k, None)
+        _BACKENDS.pop(config)
         return
-
-    def forget(ref, k=k):
-        if _BACKENDS.get(k, (None,))[0] is ref:
-            del _BACKENDS[k]
-    _BACKENDS[k] = (weakref.ref(config, forget), check_backend(backend))
+    _BACKENDS.set(config, check_backend(backend))
 
 
 def backend_for(module) -> Optional[str]:
     config = getattr(module, "config", None)
-    entry = _BACKENDS.get(id(config)) if config is not None else None
-    return entry[1] if entry is not None and entry[0]() is config else None
+    return _BACKENDS.get(config) if config is not None else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -103,28 +103,47 @@ def runtime_fallback_reason(config, kwargs: dict) -> Optional[str]:
     return unhonoured_kwargs_reason(kwargs)
 
 
-class _OncePerOwner:
-    """Remembers, per live object (a model's config, shared by its layers), which messages were
-    already given, without keeping the object alive or touching its attributes (a config's
-    attributes are what ``save_pretrained`` writes)."""
+class WeakIdMap:
+    """A value per live object, by identity, without keeping the object alive or touching its
+    attributes (a config's attributes are what ``save_pretrained`` writes)."""
 
     def __init__(self):
-        self._seen: dict[int, tuple[weakref.ref, set]] = {}
+        self._entries: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, owner, default=None):
+        entry = self._entries.get(id(owner))
+        return entry[1] if entry is not None and entry[0]() is owner else default
+
+    def set(self, owner, value) -> None:
+        k = id(owner)
+
+        def forget(ref, k=k):
+            if self._entries.get(k, (None,))[0] is ref:
+                del self._entries[k]
+        self._entries[k] = (weakref.ref(owner, forget), value)
+
+    def pop(self, owner) -> None:
+        self._entries.pop(id(owner), None)
+
+
+class _OncePerOwner:
+    """Remembers, per live object (a model's config, shared by its layers), which messages were
+    already given (a :class:`WeakIdMap` of sets)."""
+
+    def __init__(self):
+        self._seen = WeakIdMap()
 
     def first(self, owner, key) -> bool:
         """True the first time ``key`` is seen for ``owner``."""
         if owner is None:
             return True
-        k = id(owner)
-        entry = self._seen.get(k)
-        if entry is None or entry[0]() is not owner:
-            def forget(ref, k=k):
-                if self._seen.get(k, (None,))[0] is ref:
-                    del self._seen[k]
-            entry = self._seen[k] = (weakref.ref(owner, forget), set())
-        if key in entry[1]:
+        seen = self._seen.get(owner)
+        if seen is None:
+            seen = set()
+            self._seen.set(owner, seen)
+        if key in seen:
             return False
-        entry[1].add(key)
+        seen.add(key)
         return True
 
 
