@@ -9,7 +9,10 @@ buckets), Dv != D, B and H > 1, GQA and MQA, causal with Sq < Sk and Sq > Sk, a 
 with a fully padded batch row, an additive mask broadcast (stride 0) over heads, or over heads
 and keys, in float32 and in q's dtype, dropout (p = 0.3, the reference run with the same seed and
 offset, so the masks must agree bit for bit), the deterministic backward (bitwise equal across
-runs, and by the 2x rule). Every output is written inside a NaN-filled buffer with padded rows;
+runs, and by the 2x rule); the tile paths (test_tile_paths): tiles on the plain path only, the
+causal diagonal among plain tiles, right padding with boundary, skipped and empty rows, padding
+with holes, dropout with the lane-shared Philox draws and with the per-lane fallback (Sk or offset
+not a multiple of 4), a NaN row on the plain path. Every output is written inside a NaN-filled buffer with padded rows;
 the bytes outside the view must come back untouched."""
 import math
 
@@ -228,3 +231,66 @@ def test_a_nan_score_row_gives_nan(emu):
     keep = torch.ones(17, dtype=torch.bool)
     keep[3] = False
     assert_2x("other rows", OP, out[0, 1][keep], ref[0, 1][keep], base[0, 1][keep], torch.bfloat16)
+
+
+# Tile paths (attention_cuda.cuh: TilePath, KeyRange): a key tile nothing can hide takes the plain
+# path (scale only), a tile that causal masking, key padding, an attn_mask or the key bound cuts takes
+# the general one, and tiles past the last visible key are never visited (their dK / dV are zeros).
+# Dropout draws are shared between lanes when offset and Sk are multiples of 4, else drawn per lane.
+def _right_padding(Sk, lengths):
+    kpm = torch.ones(len(lengths), Sk, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        kpm[b, :n] = False
+    return kpm
+
+
+TILE_CASES = {
+    # name: (B, H, Hk, Sq, Sk, D, causal, padding, p, offset)
+    "plain": (1, 4, 2, 128, 192, 64, False, None, 0.0, 0),               # every tile plain, GQA
+    "causal-diagonal": (1, 2, 2, 192, 192, 128, True, None, 0.0, 0),     # plain below the diagonal
+    "right-padding": (4, 2, 2, 70, 192, 64, False, [192, 100, 64, 0], 0.0, 0),  # boundary, skipped, empty rows
+    "padding-holes": (2, 2, 1, 70, 192, 40, False, "holes", 0.0, 0),     # clean < end: general tiles between
+    "dropout-shared": (2, 2, 2, 70, 192, 64, False, [192, 77], 0.3, 0),  # Philox blocks shared by lanes
+    "dropout-sk-unaligned": (1, 2, 2, 70, 190, 64, True, None, 0.3, 0),  # Sk % 4 != 0: per-lane draws
+    "dropout-offset-unaligned": (1, 2, 2, 70, 192, 64, False, None, 0.3, 2),
+    "dropout-256": (1, 1, 1, 40, 96, 256, True, None, 0.3, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(TILE_CASES))
+def test_tile_paths(emu, dtype, case):
+    B, H, Hk, Sq, Sk, D, causal, padding, p, offset = TILE_CASES[case]
+    t = _problem(B, H, Hk, Sq, Sk, D, D, gen_seed=len(case))
+    if padding == "holes":
+        kpm = torch.zeros(B, Sk, dtype=torch.bool)
+        kpm[:, 10] = True
+        kpm[1, 70:75] = True
+        kpm[:, 130:] = True
+        t["key_padding_mask"] = kpm
+    elif padding is not None:
+        t["key_padding_mask"] = _right_padding(Sk, padding)
+    out, lse, dq, dk, dv = _check(emu, t, dtype, p=p, causal=causal, seed=4321, offset=offset)
+    if isinstance(padding, list):
+        for b, n in enumerate(padding):  # keys past the length: never visited, zero gradients
+            assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all()
+            if n == 0:
+                assert torch.isneginf(lse[b]).all() and (out[b] == 0).all() and (dq[b] == 0).all()
+
+
+def test_tile_paths_deterministic_with_padding_and_dropout(emu):
+    t = _problem(2, 2, 2, 130, 192, 64, 64, gen_seed=21)
+    t["key_padding_mask"] = _right_padding(192, [150, 64])
+    first = _check(emu, t, torch.bfloat16, p=0.3, seed=8, offset=0, deterministic=True)
+    again = _run_emu(emu, t, torch.bfloat16, torch.bfloat16, 0.3, False, 1.0 / 8, 8, 0, deterministic=True)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, again):
+        assert torch.equal(a, b), f"{name}: the deterministic run is not bitwise reproducible"
+
+
+def test_a_nan_score_row_gives_nan_on_the_plain_path(emu):
+    """The plain path's row max skips NaN (fmaxf) but the NaN reaches the sum: the row is NaN."""
+    t = _problem(1, 1, 1, 64, 128, 64, 64, gen_seed=22)
+    t["q"][0, 0, 5, 3] = float("nan")
+    out = _run_emu(emu, t, torch.float16, torch.float16, 0.0, False, 1 / 8, 0, 0)[0]
+    assert torch.isnan(out[0, 0, 5]).all(), f"NaN row became {out[0, 0, 5]}"
+    assert not torch.isnan(out[0, 0, :5]).any() and not torch.isnan(out[0, 0, 6:]).any()

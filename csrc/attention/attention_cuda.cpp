@@ -2,17 +2,38 @@
 // in attention_cuda.cuh, instantiated by attention_cuda_fwd.cu and attention_cuda_bwd_*.cu. Host
 // code only, so the host compiler builds it (ATen's headers cost nvcc a minute).
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "attention/attention.h"
+#include "attention/attention_cuda_config.h"
 
 namespace ff::attention {
 
-void fwd_cuda(const FwdParams& p) { gpu::fwd_launch(p, c10::cuda::getCurrentCUDAStream()); }
+namespace {
+// A kernel's CTA must fit the device's opt-in shared memory per block (99 KiB on sm_86 / sm_89,
+// 163 KiB on sm_80, 227 KiB on sm_90); dispatch leaves such calls out (attention_cuda_smem_bytes),
+// so this is the error of an explicit backend="cuda".
+void check_smem(const char* what, size_t need, int64_t d, int64_t dv) {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  const size_t limit = static_cast<size_t>(optin);
+  TORCH_CHECK(need <= limit, "fusedformer.attention: the cuda ", what, " at head dims (", d, ", ", dv, ") needs ",
+              need, " bytes of shared memory per block; this GPU allows ", limit,
+              " (use backend=\"triton\", or a head dim of at most 128)");
+}
+}  // namespace
+
+void fwd_cuda(const FwdParams& p) {
+  check_smem("forward", gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv), p.pb.D, p.pb.Dv);
+  gpu::fwd_launch(p, c10::cuda::getCurrentCUDAStream());
+}
 
 void bwd_cuda(const BwdParams& p) {
   const Problem& pb = p.pb;
+  check_smem(p.deterministic ? "deterministic backward" : "backward", gpu::bwd_smem_bytes(pb.D, pb.Dv, p.deterministic),
+             pb.D, pb.Dv);
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device());
   at::Tensor delta = at::empty({pb.B, pb.H, pb.Sq}, opts);
   // The float32 dQ accumulator of the atomic path (zeroed by the delta kernel).

@@ -1,0 +1,237 @@
+// attention on CUDA GPUs: what the kernels of attention_cuda.cuh do to scores — the (batch, head)
+// slice and its general score transform (attention.h's masking rule), key padding as a key range,
+// the per-tile choice between the plain and the general path, the dropout draws in the kernels'
+// two register layouts, and the double-buffered K / V pipeline. Written against simt/simt.cuh only.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "attention/attention.h"
+#include "attention/attention_cuda_tiles.cuh"
+
+namespace ff::attention::gpu {
+
+// ---------------------------------------------------------------------------------------------
+// Scores, masks and dropout
+// ---------------------------------------------------------------------------------------------
+// The (batch, head) slice a CTA works on and its score transform, in log2 units:
+//   x -> x * scale * log2(e) + attn_mask[i, j] * log2(e) (masked_score: masking values), -inf where
+//   a mask hides (i, j) or (i, j) is outside (Sq, Sk).
+struct Slice {
+  const char* mask = nullptr;  // attn_mask at (b, h), or nullptr
+  int mask_kind = 0;           // 0: float32, 1: float16, 2: bfloat16
+  int64_t mask_ss = 0, mask_sk = 0;
+  const bool* pad = nullptr;   // key_padding_mask row b, or nullptr
+  int Sq = 0, Sk = 0;
+  float scale_log2 = 0.f;
+  bool causal = false;
+
+  __device__ __forceinline__ float score(int i, int j, float x) const {
+    if (i >= Sq || j >= Sk || (causal && j > i) || (pad && pad[j])) return -INFINITY;
+    float s = x * scale_log2;
+    if (mask) {
+      const int64_t idx = i * mask_ss + j * mask_sk;
+      const float m = mask_kind == 0   ? reinterpret_cast<const float*>(mask)[idx]
+                      : mask_kind == 1 ? to_f32(reinterpret_cast<const __half*>(mask)[idx])
+                                       : to_f32(reinterpret_cast<const __nv_bfloat16*>(mask)[idx]);
+      s = masked_score(s, m, kLog2e);  // attention.h: masking values
+    }
+    return s;
+  }
+};
+
+__device__ __forceinline__ Slice make_slice(const Problem& pb, int64_t b, int64_t h) {
+  Slice s;
+  if (pb.mask.ptr) {
+    const bool f32 = pb.mask_dtype == c10::ScalarType::Float;
+    s.mask_kind = f32 ? 0 : pb.mask_dtype == c10::ScalarType::Half ? 1 : 2;
+    s.mask = static_cast<const char*>(pb.mask.ptr) + (f32 ? 4 : 2) * (b * pb.mask.stride_b + h * pb.mask.stride_h);
+    s.mask_ss = pb.mask.stride_s;
+    s.mask_sk = pb.mask_stride_k;
+  }
+  s.pad = pb.key_padding ? pb.key_padding + b * pb.Sk : nullptr;
+  s.Sq = static_cast<int>(pb.Sq);
+  s.Sk = static_cast<int>(pb.Sk);
+  s.scale_log2 = pb.scale * kLog2e;
+  s.causal = pb.causal;
+  return s;
+}
+
+// Key padding as a key range: the keys of one padding row (Sk entries, True = padding) that can be
+// seen. Keys >= end are all hidden (padding, or past the row); keys < clean are never padded.
+// Without padding {Sk, Sk}; right padding to length L gives {L, L}; any other pattern has
+// clean < end and the tiles between them take the general path. Every thread of the block gets the
+// result (two barriers; `scratch` is two ints of shared memory).
+struct KeyRange {
+  int clean = 0, end = 0;
+};
+
+__device__ __forceinline__ KeyRange key_range(const bool* pad, int n, int* scratch) {
+  if (!pad) return {n, n};
+  int clean = n, end = 0;
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    if (pad[j]) {
+      clean = clean < j ? clean : j;
+    } else {
+      end = j + 1;  // j grows: the last unpadded key so far
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const int c = __shfl_xor_sync(0xffffffffu, clean, o), e = __shfl_xor_sync(0xffffffffu, end, o);
+    clean = clean < c ? clean : c;
+    end = end > e ? end : e;
+  }
+  if (threadIdx.x == 0) {
+    scratch[0] = n;
+    scratch[1] = 0;
+  }
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) {
+    atomicMin(scratch, clean);
+    atomicMax(scratch + 1, end);
+  }
+  __syncthreads();
+  return {scratch[0], scratch[1]};
+}
+
+// How a kernel treats the scores of a key tile.
+//   kAuto    what fusedformer._C builds: per tile, kPlain where nothing can hide a score of the tile
+//            (no attn_mask, no padded or missing key, no causal cut), kMasked elsewhere.
+//   kPlain   every tile plain, kMasked every tile general: probe instantiations for the static
+//            counts of scripts/attention_sass.py only (kPlain is wrong on tiles that need masking).
+enum class TilePath : int { kAuto = 0, kPlain = 1, kMasked = 2 };
+
+template <TilePath kPath>
+__device__ __forceinline__ bool plain_tile(bool nothing_hidden) {
+  return kPath == TilePath::kPlain || (kPath == TilePath::kAuto && nothing_hidden);
+}
+
+// Dropout multipliers (common/philox.h: dropout_multiplier / dropout_pair, the one definition of
+// the mask) in the two register layouts of the kernels. `shared`: offset and Sk are multiples of 4,
+// so the four keys 4u .. 4u + 3 of a row are the four words of one Philox block, which lanes then
+// compute once and exchange by shuffles.
+//
+// The helpers give keep bits (z = keep ? 1 / (1 - p) : 0); the kernels apply 1 / (1 - p) where it
+// costs least (the forward and dV once per row, at the end).
+//
+// Row layout (forward, dQ): this lane's scores (i0, j), (i0, j + 1), (i1, j), (i1, j + 1), j even,
+// into keep[0..3]; base0 / base1 = the logical index of (i0, 0) / (i1, 0). Shared: lanes t and t ^ 1
+// need the same two blocks (rows i0 and i1, keys j & ~3 ..); the even lane computes row i0's, the
+// odd lane row i1's, and they swap halves: one Philox call per 4 scores instead of 2.
+__device__ __forceinline__ void dropout_row_pairs(const DropoutParams& d, uint64_t base0, uint64_t base1, int j,
+                                                  int t, bool shared, bool (&keep)[4]) {
+  uint32_t w[4];
+  if (shared) {
+    const bool odd = t & 1;
+    const Philox4 blk = philox_block(d, (odd ? base1 : base0) + static_cast<uint64_t>(j & ~3));
+    const uint32_t own0 = odd ? blk.w[2] : blk.w[0], own1 = odd ? blk.w[3] : blk.w[1];
+    const uint32_t got0 = __shfl_xor_sync(0xffffffffu, odd ? blk.w[0] : blk.w[2], 1);
+    const uint32_t got1 = __shfl_xor_sync(0xffffffffu, odd ? blk.w[1] : blk.w[3], 1);
+    w[0] = odd ? got0 : own0;
+    w[1] = odd ? got1 : own1;
+    w[2] = odd ? own0 : got0;
+    w[3] = odd ? own1 : got1;
+  } else {
+    const uint64_t n[2] = {base0 + j, base1 + j};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t k = static_cast<uint32_t>((d.offset + n[r]) & 3);
+      const Philox4 blk = philox_block(d, n[r]);
+      w[2 * r] = philox_word(blk, k);
+      w[2 * r + 1] = k == 3 ? philox_block(d, n[r] + 1).w[0] : philox_word(blk, k + 1);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
+}
+
+// Column layout (dK / dV kernel, S^T): this lane's scores (i + (e & 1), key + 8 (e >> 1)) into
+// keep[e], i = the 8-query block's row 2t, key = this lane's first key; rowlen = Sk, base = the
+// logical index of (query 0, key 0) of the (batch, head). Shared: the four lanes g = 4u + c (c = 0..3)
+// of one t hold the four keys of one Philox block for the same four (query, key block) pairs;
+// lane c computes block c and a 4 x 4 transpose over shuffles hands each lane its words: one
+// Philox call per 4 scores instead of 4.
+__device__ __forceinline__ void dropout_col_quad(const DropoutParams& d, uint64_t base, int64_t rowlen, int i,
+                                                 int key, int lane, bool shared, bool (&keep)[4]) {
+  uint32_t w[4];
+  if (shared) {
+    const uint32_t c = (lane >> 2) & 3;
+    const int qi = i + static_cast<int>(c & 1), kj = key - static_cast<int>(c) + 8 * static_cast<int>(c >> 1);
+    const Philox4 blk = philox_block(d, base + static_cast<uint64_t>(qi) * rowlen + kj);
+    uint32_t got[4];  // got[k]: word c of block c ^ k, from lane c ^ k
+    got[0] = philox_word(blk, c);
+#pragma unroll
+    for (int k = 1; k < 4; ++k) got[k] = __shfl_xor_sync(0xffffffffu, philox_word(blk, c ^ k), 4 * k);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t k = c ^ e;
+      w[e] = k == 0 ? got[0] : k == 1 ? got[1] : k == 2 ? got[2] : got[3];
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint64_t n = base + static_cast<uint64_t>(i + (e & 1)) * rowlen + key + 8 * (e >> 1);
+      w[e] = philox_word(philox_block(d, n), static_cast<uint32_t>((d.offset + n) & 3));
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
+}
+
+__device__ __forceinline__ bool shared_draws(const Problem& pb) {
+#ifdef FF_ATTENTION_COUNT_SHARED_DRAWS  // scripts/attention_sass.py: the static count of this case alone
+  return true;
+#else
+  return (pb.dropout.offset & 3) == 0 && (pb.Sk & 3) == 0;  // true for the ops' default offset 0 and Sk % 4 == 0
+#endif
+}
+
+// The K / V pipeline of the forward and dQ kernels: tile `it` of `ntiles` lives in buffer it & 1;
+// K and V are separate cp.async groups, so Q K^T waits for K only. Call kv_prefetch first
+// (starts tile it + 1 into the other buffer, committing K then V), then kv_wait<0> before reading
+// K(it) and kv_wait<1> before reading V(it).
+template <int BK, int DP, typename T>
+__device__ __forceinline__ void kv_prefetch(T* sK, T* sV, const T* K, const T* V, const Problem& pb, int it,
+                                            int ntiles) {
+  constexpr int LD = Tiles<DP>::kLd;
+  if (it + 1 >= ntiles) return;
+  const int kn = (it + 1) * BK, buf = (it + 1) & 1, Sk = static_cast<int>(pb.Sk);
+  load_tile_async<BK, DP>(sK + buf * BK * LD, K + kn * pb.k.stride_s, pb.k.stride_s, Sk - kn,
+                          static_cast<int>(pb.D));
+  ff::simt::cp_async_commit();
+  load_tile_async<BK, DP>(sV + buf * BK * LD, V + kn * pb.v.stride_s, pb.v.stride_s, Sk - kn,
+                          static_cast<int>(pb.Dv));
+  ff::simt::cp_async_commit();
+}
+
+// WHICH = 0: K(it) has landed; 1: V(it) too. In flight after K(it): V(it) and, unless `it` is the
+// last tile, K(it + 1) and V(it + 1).
+template <int WHICH>
+__device__ __forceinline__ void kv_wait(bool last) {
+  if (last) {
+    ff::simt::cp_async_wait<1 - WHICH>();
+  } else {
+    ff::simt::cp_async_wait<3 - WHICH>();
+  }
+  __syncthreads();
+}
+
+// The start of the first K / V tile (one group each) and the tile count of a query tile q0: key
+// tiles past the last visible key (padding, causal) are never loaded.
+struct KeyTiles {
+  int ntiles = 0;     // key tiles to visit
+  int plain_end = 0;  // tiles wholly below this key take the plain path
+};
+
+__device__ __forceinline__ KeyTiles key_tiles(const Problem& pb, const KeyRange& kr, int q0, int BQ, int BK) {
+  int kend = kr.end;
+  if (pb.causal && q0 + BQ < kend) kend = q0 + BQ;
+  KeyTiles kt;
+  kt.ntiles = (kend + BK - 1) / BK;
+  const int visible = pb.causal && q0 + 1 < kr.clean ? q0 + 1 : kr.clean;  // causal: keys <= every row of the tile
+  kt.plain_end = pb.mask.ptr ? 0 : visible;
+  return kt;
+}
+
+}  // namespace ff::attention::gpu
