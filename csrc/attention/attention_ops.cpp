@@ -117,9 +117,24 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tenso
                             seed, offset);
 }
 
+// The cuda kernels' limits on sizes and dtype alone: the check_cuda_problem the cuda entry points
+// call, compiled into every build, so tests/test_limits.py can compare it with the limits the
+// Python side declares (fusedformer/ops/limits.py) without a GPU. Throws where the kernels refuse.
+void attention_cuda_limits(c10::ScalarType dtype, int64_t D, int64_t Dv, int64_t Sq, int64_t Sk) {
+  Problem pb;
+  pb.B = pb.H = pb.Hk = 1;
+  pb.D = D;
+  pb.Dv = Dv;
+  pb.Sq = Sq;
+  pb.Sk = Sk;
+  pb.dtype = dtype;
+  check_cuda_problem("fusedformer_C::attention_cuda_limits: ", pb);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
+  m.def("attention_cuda_limits(ScalarType dtype, int D, int Dv, int Sq, int Sk) -> ()", &attention_cuda_limits);
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
         "float dropout_p, bool is_causal, float scale, int seed, int offset) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "

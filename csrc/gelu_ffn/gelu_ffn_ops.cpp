@@ -59,12 +59,13 @@ void check_dropout(const char* op, double p, int64_t offset) {
   FF_CHECK_ARG(offset >= 0, op, "offset must be >= 0, got ", offset);
 }
 
-#ifdef FF_WITH_CUDA
 // The CUDA kernels' limits (gelu_ffn_cuda.cuh): tensor-core GEMMs on float16 / bfloat16, rows
-// copied in 16-byte chunks (8 elements), so every width must be a multiple of 8.
-void check_cuda_limits(const char* op, const Tensor& x, int64_t C, int64_t F, int64_t C2) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "x has dtype ",
-                   x.scalar_type(), "; the CUDA kernels take float16 or bfloat16");
+// copied in 16-byte chunks (8 elements), so every width must be a multiple of 8. Compiled into
+// every build: gelu_ffn_cuda_limits below exposes it to tests/test_limits.py, which compares it
+// with the limits the Python side declares (fusedformer/ops/limits.py).
+void check_cuda_limits(const char* op, c10::ScalarType dtype, int64_t C, int64_t F, int64_t C2) {
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16, op, "x has dtype ", dtype,
+                   "; the CUDA kernels take float16 or bfloat16");
   FF_CHECK_ARG(C % 8 == 0 && F % 8 == 0 && C2 % 8 == 0, op,
                "the CUDA kernels need C, F and C2 to be multiples of 8 (16-byte row chunks), got C = ", C,
                ", F = ", F, ", C2 = ", C2);
@@ -72,6 +73,11 @@ void check_cuda_limits(const char* op, const Tensor& x, int64_t C, int64_t F, in
                "the CUDA kernels need C, F and C2 below 2^31, got C = ", C, ", F = ", F, ", C2 = ", C2);
 }
 
+void gelu_ffn_cuda_limits(c10::ScalarType dtype, int64_t C, int64_t F, int64_t C2) {
+  check_cuda_limits("fusedformer_C::gelu_ffn_cuda_limits: ", dtype, C, F, C2);
+}
+
+#ifdef FF_WITH_CUDA
 // t, or a (16-byte aligned) copy of it when its data pointer is not 16-byte aligned (a contiguous
 // view at an odd storage offset): the kernels read their GEMM operands in 16-byte chunks.
 Tensor aligned16(const Tensor& t) {
@@ -113,7 +119,7 @@ std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const
   a.dropout = make_dropout(dropout_p, seed, offset);
   if (x.is_cuda()) {
 #ifdef FF_WITH_CUDA
-    check_cuda_limits(op, x, C, F, C2);
+    check_cuda_limits(op, x.scalar_type(), C, F, C2);
     a.x = aligned16(x);
     a.w1 = aligned16(w1);
     a.w2 = aligned16(w2);
@@ -154,7 +160,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy
   a.dropout = make_dropout(dropout_p, seed, offset);
   if (x.is_cuda()) {
 #ifdef FF_WITH_CUDA
-    check_cuda_limits(op, x, C, F, C2);
+    check_cuda_limits(op, x.scalar_type(), C, F, C2);
     a.dy = aligned16(dy);
     a.x = aligned16(x);
     a.w1 = aligned16(w1);
@@ -173,6 +179,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
+  m.def("gelu_ffn_cuda_limits(ScalarType dtype, int C, int F, int C2) -> ()", &gelu_ffn_cuda_limits);
   m.def("gelu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, float dropout_p, "
         "int seed, int offset) -> (Tensor, Tensor)");
   m.def("gelu_ffn_bwd(Tensor dy, Tensor x, Tensor w1, Tensor w2, Tensor pre, str approximate, float dropout_p, "

@@ -22,7 +22,11 @@ Selection happens per call, in this order:
 
 Every backend answers ``reasons(inputs) -> list[str]``: why it cannot take these inputs (empty if it
 can) — including "not built" or "not installed". When nothing fits, the error lists every backend
-with its reasons (the idea of xformers' dispatch).
+with its reasons (the idea of xformers' dispatch). The input limits behind those reasons (dtypes,
+head dims, widths) are declared once per op and backend in ``fusedformer.ops.limits``.
+
+Whether a backend can run an op here at all — built, installed, a device it runs on — is one
+question with one answer: :func:`why_unavailable` (``[]`` when it can) / :func:`is_available`.
 """
 from __future__ import annotations
 
@@ -39,7 +43,6 @@ from .errors import InputError, InputTypeError
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 ENV_VAR = "FUSEDFORMER_BACKEND"
-FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fusedformer_backend", default=None)
 
@@ -232,10 +235,47 @@ def _explain(op: str, headline: str, reasons: dict[str, list[str]]) -> str:
     return "\n".join(lines)
 
 
-def availability(op: str, table: dict[str, Impl], device: torch.device) -> dict[str, list[str]]:
-    """For ``info()``: each backend's standing reasons for ``op`` on ``device`` (not input-specific)."""
-    probe = {"device": device, "probe": True}
-    out = {}
-    for n in BACKENDS:
-        out[n] = table[n].reasons(probe) if n in table else [f"{op} has no {n} implementation yet"]
-    return out
+# ------------------------------------------------------------------------------------------------
+# Availability: can a backend run an op here (not input-specific)?
+# ------------------------------------------------------------------------------------------------
+_TABLES: dict[str, dict[str, Impl]] = {}
+
+
+def register(op: str, table: dict[str, Impl]) -> dict[str, Impl]:
+    """Record ``op``'s backend table (``ops/<op>.py`` does, at import) for :func:`why_unavailable`."""
+    _TABLES[op] = table
+    return table
+
+
+def why_unavailable(op, backend: str, device="cpu") -> list[str]:
+    """Why ``backend`` cannot run ``op`` on ``device`` tensors in this process — not built, not
+    installed, no GPU, a device it does not take, no such implementation — or ``[]`` when it can.
+
+    ``op``: the op's name (``"attention"``) or its module (``fusedformer.ops.attention``).
+    The one availability probe: ``info()``, the tests, the benchmarks and the training driver ask
+    this. Whether particular inputs fit is the op's business (its limits, ``ops/limits.py``)."""
+    name = getattr(op, "OP", op)
+    if name not in _TABLES and isinstance(name, str) and name.isidentifier():
+        try:  # a table registers when its op module is imported
+            importlib.import_module(f"fusedformer.ops.{name}")
+        except ImportError:
+            pass
+    if name not in _TABLES:
+        raise InputError(f"why_unavailable: unknown op {name!r}; expected one of {tuple(sorted(_TABLES))}")
+    backend = check_name(backend, "why_unavailable")
+    if backend == "auto":
+        raise InputError("why_unavailable: backend must name a backend, not 'auto'")
+    table = _TABLES[name]
+    if backend not in table:
+        return [f"{name} has no {backend} implementation yet"]
+    return table[backend].reasons({"device": torch.device(device), "probe": True})
+
+
+def is_available(op, backend: str, device="cpu") -> bool:
+    """Whether ``backend`` can run ``op`` on ``device`` tensors here (``not why_unavailable(...)``)."""
+    return not why_unavailable(op, backend, device)
+
+
+def availability(op: str, device) -> dict[str, list[str]]:
+    """For ``info()``: each backend's standing reasons for ``op`` on ``device``."""
+    return {n: why_unavailable(op, n, device) for n in BACKENDS}

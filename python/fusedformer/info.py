@@ -56,7 +56,7 @@ def report() -> str:
         for dev in devices:
             lines.append("")
             lines.append(f"{mod.OP} on {dev.type} tensors:")
-            for name, why in backends.availability(mod.OP, mod.TABLE, dev).items():
+            for name, why in backends.availability(mod.OP, dev).items():
                 lines.append(f"  {name:<10} " + ("available" if not why else "unavailable: " + "; ".join(why)))
                 if name == "cpu" and not why:  # which GEMMs low precision takes on this CPU, and why
                     lines.append(f"  {'':<10} low precision: {cpu_paths[mod.OP]}")

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import _compat, backends, rng
+from . import limits
 from ..errors import InputError, InputTypeError
 
 SeedLike = Union[int, Tensor, None]
@@ -114,23 +115,15 @@ def seed_int(seed: Optional[Tensor]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# backend reasons
+# backend reasons, generated from the declared limits (ops/limits.py)
 # ------------------------------------------------------------------------------------------------
-def _dtype_reasons(inputs: dict, allowed=backends.FAST_DTYPES) -> list[str]:
-    dtype = inputs.get("dtype")
-    if dtype is not None and dtype not in allowed:
-        return [f"dtype {dtype} is not supported (takes {', '.join(str(d) for d in allowed)})"]
-    return []
-
-
 def reference_reasons(inputs: dict) -> list[str]:
     return []
 
 
-def native_reasons(op: str, device_type: str,
-                   extra: Optional[Callable[[dict], list[str]]] = None) -> Callable[[dict], list[str]]:
-    """Reasons for the ``cpu`` / ``cuda`` backends: built?, right device?, dtype, op limits."""
-    backend = "cpu" if device_type == "cpu" else "cuda"
+def native_reasons(op: str, lim: limits.Limits) -> Callable[[dict], list[str]]:
+    """Reasons for the ``cpu`` / ``cuda`` backends: built?, right device?, then ``lim``."""
+    (device_type,) = lim.devices
 
     def reasons(inputs: dict) -> list[str]:
         why = []
@@ -139,27 +132,39 @@ def native_reasons(op: str, device_type: str,
             why.append(missing)
         device = inputs["device"]
         if device.type != device_type:
-            why.append(f"tensors are on {device.type}; the {backend} backend takes {device_type} tensors")
+            why.append(f"tensors are on {device.type}; the {lim.backend} backend takes {device_type} tensors")
         if not inputs.get("probe"):
-            why += _dtype_reasons(inputs)
-            if extra is not None:
-                why += extra(inputs)
+            why += lim.input_reasons(inputs)
         return why
 
     return reasons
 
 
-def triton_reasons(op: str, extra: Optional[Callable[[dict], list[str]]] = None) -> Callable[[dict], list[str]]:
+def triton_reasons(op: str, lim: limits.Limits) -> Callable[[dict], list[str]]:
+    """Reasons for the ``triton`` backend: installed?, a device it can run on?, then ``lim``."""
     def reasons(inputs: dict) -> list[str]:
         missing = backends.triton_device_reason(inputs["device"])
         why = [missing] if missing else []
         if not inputs.get("probe"):
-            why += _dtype_reasons(inputs)
-            if extra is not None:
-                why += extra(inputs)
+            why += lim.input_reasons(inputs)
         return why
 
     return reasons
+
+
+def backend_table(op: str, reference_fns: Callable, load_native: Optional[Callable],
+                  load_triton: Callable, triton_module: str) -> dict:
+    """An op's backend table: the reference, the native ``cpu`` / ``cuda`` backends (when the op
+    has them) and ``triton`` (when its kernels module is installed), each backend's reasons
+    generated from ``limits.BY_OP[op]``; registered with ``backends`` for ``why_unavailable``."""
+    lim = limits.BY_OP[op]
+    table = {"reference": backends.Impl(reference_fns, reference_reasons)}
+    if load_native is not None:
+        table["cpu"] = backends.Impl(load_native, native_reasons(op, lim["cpu"]))
+        table["cuda"] = backends.Impl(load_native, native_reasons(op, lim["cuda"]))
+    if triton_kernels_installed(triton_module):
+        table["triton"] = backends.Impl(load_triton, triton_reasons(op, lim["triton"]))
+    return backends.register(op, table)
 
 
 def triton_kernels_installed(module: str) -> bool:

@@ -54,31 +54,9 @@ def _load_triton():
     return kernels.attention_fwd, kernels.attention_bwd
 
 
-
-def _cuda_limits(i: dict) -> list[str]:
-    """What the CUDA kernels (csrc/attention/attention_cuda.cuh) do not take."""
-    why = []
-    if i.get("dtype") == torch.float32:
-        why.append("dtype torch.float32: the cuda kernels take float16 / bfloat16 (tensor cores)")
-    for key, name in (("head_dim", "head dim"), ("head_dim_v", "value head dim")):
-        d = i.get(key, 8)
-        if d > 256:
-            why.append(f"{name} {d} > 256")
-        elif d % 8:
-            why.append(f"{name} {d} is not a multiple of 8 (16-byte copies)")
-    return why
-
-
-TABLE: dict[str, backends.Impl] = {
-    "reference": backends.Impl(lambda: (reference.attention_fwd, reference.attention_bwd),
-                               C.reference_reasons),
-    "cpu": backends.Impl(_load_native, C.native_reasons(OP, "cpu")),
-    "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda", extra=_cuda_limits)),
-}
-if C.triton_kernels_installed("attention"):
-    TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP, extra=lambda i: [
-        f"{name} {i[key]} > 256" for key, name in (("head_dim", "head dim"), ("head_dim_v", "value head dim"))
-        if i.get(key, 0) > 256]))
+# Each backend's limits are declared in ops/limits.py (ATTENTION); reasons() come from them.
+TABLE: dict[str, backends.Impl] = C.backend_table(
+    OP, lambda: (reference.attention_fwd, reference.attention_bwd), _load_native, _load_triton, "attention")
 
 
 @torch.library.custom_op("fusedformer::attention_fwd", mutates_args=())

@@ -29,7 +29,6 @@ from . import _common as C
 from ..errors import InputError, InputTypeError
 
 OP = "attention_varlen"
-MAX_TRITON_HEAD_DIM = 256
 
 
 def _load_triton():
@@ -37,18 +36,10 @@ def _load_triton():
     return kernels.attention_varlen_fwd, kernels.attention_varlen_bwd
 
 
-
-def _triton_limits(inputs: dict) -> list[str]:
-    return [f"{name} {inputs[key]} > {MAX_TRITON_HEAD_DIM}" for key, name in
-            (("head_dim", "head dim"), ("head_dim_v", "value head dim")) if inputs.get(key, 0) > MAX_TRITON_HEAD_DIM]
-
-
-TABLE: dict[str, backends.Impl] = {
-    "reference": backends.Impl(lambda: (reference.attention_varlen_fwd, reference.attention_varlen_bwd),
-                               C.reference_reasons),
-}
-if C.triton_kernels_installed("attention"):
-    TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP, extra=_triton_limits))
+# The Triton backend's limits are declared in ops/limits.py (ATTENTION_VARLEN); reasons() come
+# from them. No native implementation.
+TABLE: dict[str, backends.Impl] = C.backend_table(
+    OP, lambda: (reference.attention_varlen_fwd, reference.attention_varlen_bwd), None, _load_triton, "attention")
 
 
 @torch.library.custom_op("fusedformer::attention_varlen_fwd", mutates_args=())

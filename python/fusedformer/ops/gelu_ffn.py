@@ -35,31 +35,14 @@ def _load_native():
     return fwd, bwd
 
 
-def _cuda_limits(inputs: dict) -> list[str]:
-    """The CUDA kernels' limits (csrc/gelu_ffn/gelu_ffn_cuda.cuh): tensor-core GEMMs on float16 /
-    bfloat16 whose rows are copied in 16-byte chunks, so every width is a multiple of 8."""
-    why = []
-    if inputs.get("dtype") == torch.float32:
-        why.append("float32 is not supported by the cuda kernels (tensor-core GEMMs take float16 or bfloat16)")
-    odd = [f"{k} = {inputs[k]}" for k in ("C", "F", "C2") if inputs.get(k, 0) % 8]
-    if odd:
-        why.append(f"widths must be multiples of 8 for the cuda kernels' 16-byte row chunks, got {', '.join(odd)}")
-    return why
-
-
 def _load_triton():
     from ..kernels import gelu_ffn as kernels
     return kernels.gelu_ffn_fwd, kernels.gelu_ffn_bwd
 
 
-
-TABLE: dict[str, backends.Impl] = {
-    "reference": backends.Impl(lambda: (reference.gelu_ffn_fwd, reference.gelu_ffn_bwd), C.reference_reasons),
-    "cpu": backends.Impl(_load_native, C.native_reasons(OP, "cpu")),
-    "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda", extra=_cuda_limits)),
-}
-if C.triton_kernels_installed("gelu_ffn"):
-    TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP))
+# Each backend's limits are declared in ops/limits.py (GELU_FFN); reasons() come from them.
+TABLE: dict[str, backends.Impl] = C.backend_table(
+    OP, lambda: (reference.gelu_ffn_fwd, reference.gelu_ffn_bwd), _load_native, _load_triton, "gelu_ffn")
 
 
 @torch.library.custom_op("fusedformer::gelu_ffn_fwd", mutates_args=())

@@ -45,15 +45,9 @@ def _load_triton():
     return kernels.layer_norm_fwd, kernels.layer_norm_bwd
 
 
-
-TABLE: dict[str, backends.Impl] = {
-    "reference": backends.Impl(lambda: (reference.layer_norm_fwd, reference.layer_norm_bwd),
-                               C.reference_reasons),
-    "cpu": backends.Impl(_load_native, C.native_reasons(OP, "cpu")),
-    "cuda": backends.Impl(_load_native, C.native_reasons(OP, "cuda")),
-}
-if C.triton_kernels_installed("layer_norm"):
-    TABLE["triton"] = backends.Impl(_load_triton, C.triton_reasons(OP))
+# Each backend's limits are declared in ops/limits.py (LAYER_NORM); reasons() come from them.
+TABLE: dict[str, backends.Impl] = C.backend_table(
+    OP, lambda: (reference.layer_norm_fwd, reference.layer_norm_bwd), _load_native, _load_triton, "layer_norm")
 
 
 # ------------------------------------------------------------------------------------------------
