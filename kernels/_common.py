@@ -7,7 +7,7 @@ dropout site, with ``n`` its row-major index in the logical tensor, is kept iff
         >= floor(p * 2**32)
 
 ``tl.philox(seed, c0, c1, 0, 0)`` computes exactly those four words (checked against
-``fusedformer.rng`` in tests/test_triton.py). Two ways to draw a tile:
+``fusedformer.rng`` in tests/triton/test_triton.py). Two ways to draw a tile:
 
 * :func:`philox_draw` — one Philox block per element, picking the element's word: any index
   layout, at four times the minimum generator work (four neighbours repeat a block);

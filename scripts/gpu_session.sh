@@ -221,7 +221,7 @@ fi
 # 5. the op test files' GPU tests
 # ------------------------------------------------------------------------------------------------
 PYTEST_FILES=(tests/test_attention.py tests/test_attention_varlen.py tests/test_layer_norm.py tests/test_gelu_ffn.py
-              tests/test_triton.py)
+              tests/triton/test_triton.py)
 PYTEST_ARGS=(-q -p no:cacheprovider -rfE --tb=short -k "cuda or triton or gpu")
 c=$(cap "$CAP_PYTEST")
 if enough pytest "$c"; then

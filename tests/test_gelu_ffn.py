@@ -18,7 +18,7 @@ from fusedformer.ops import gelu_ffn as op_module
 from conftest import HAS_GPU, args_with, dtype_for, skip_unless_available
 from numerics import check_against_reference
 
-INTERPRETER_SKIP = "interpreter: covered by tests/test_triton.py; the full sweep runs on GPU"
+INTERPRETER_SKIP = "interpreter: covered by tests/triton/test_triton.py; the full sweep runs on GPU"
 
 
 def _skip_if_slow_here(backend, M, C, F_, C2):

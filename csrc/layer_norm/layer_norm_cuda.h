@@ -1,7 +1,7 @@
 // layer_norm on CUDA: the launchers the host code (layer_norm_cuda.cpp) calls. Raw pointers in
 // layer_norm.h's FwdParams / BwdParams, no ATen, so the nvcc-compiled files
 // (layer_norm_cuda_fwd.cu / _bwd.cu, kernels in layer_norm_cuda.cuh) never parse ATen's headers.
-// The same declarations serve the SIMT emulation (FF_SIMT_EMULATION; tests/test_layer_norm_emu.py).
+// The same declarations serve the SIMT emulation (FF_SIMT_EMULATION; tests/emu/test_layer_norm_emu.py).
 #pragma once
 #include <cuda_runtime_api.h>
 

@@ -1,6 +1,6 @@
 // Test-only extension: the attention CUDA kernels and launchers (attention/attention_cuda.cuh)
 // built with -DFF_SIMT_EMULATION by a host compiler and run on CPU tensors
-// (tests/test_attention_emu.py). The bindings take preallocated outputs, so the tests can place
+// (tests/emu/test_attention_emu.py). The bindings take preallocated outputs, so the tests can place
 // them inside guard bands, and any strides the op allows.
 #include <torch/extension.h>
 

@@ -1,5 +1,5 @@
 // Test-only extension: the gelu_ffn CUDA kernels, launchers and host code built with
-// -DFF_SIMT_EMULATION by a host compiler and run on CPU tensors (tests/test_gelu_ffn_emu.py):
+// -DFF_SIMT_EMULATION by a host compiler and run on CPU tensors (tests/emu/test_gelu_ffn_emu.py):
 // together with csrc/gelu_ffn/gelu_ffn_cuda.cpp (the host code fwd_cuda / bwd_cuda run, given as a
 // second source) and the two launcher files included below, exactly what nvcc builds.
 // The bindings take preallocated outputs so the tests can place them inside guard bands.

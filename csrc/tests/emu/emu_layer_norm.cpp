@@ -1,5 +1,5 @@
 // Test-only extension: the layer_norm CUDA kernels, launchers and host code built with
-// -DFF_SIMT_EMULATION by a host compiler and run on CPU tensors (tests/test_layer_norm_emu.py):
+// -DFF_SIMT_EMULATION by a host compiler and run on CPU tensors (tests/emu/test_layer_norm_emu.py):
 // together with csrc/layer_norm/layer_norm_cuda.cpp (the host code fwd_cuda / bwd_cuda run, given as
 // a second source) and the two launcher files included below, exactly what nvcc builds.
 // The bindings take preallocated outputs so the tests can place them inside guard bands; the

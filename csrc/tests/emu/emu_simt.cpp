@@ -1,5 +1,5 @@
 // Kernels that exercise the SIMT emulator (simt/simt_emu.h) one primitive at a time, exported to
-// tests/test_simt_emu.py. Built only by tests/emu_build.py (host compiler, -DFF_SIMT_EMULATION).
+// tests/emu/test_simt_emu.py. Built only by tests/emu/emu_build.py (host compiler, -DFF_SIMT_EMULATION).
 // The kernels are plain CUDA against simt.cuh and know nothing of fragment layouts: the tests pass
 // in per-lane registers and check per-lane results against expectations they derive from the PTX
 // ISA themselves.

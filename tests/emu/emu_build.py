@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/emu/emu_build.py -> the repository
 CSRC = ROOT / "csrc"
 FLAGS = ["-std=c++20", "-O1", "-DFF_SIMT_EMULATION"]
 
