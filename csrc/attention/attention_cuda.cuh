@@ -237,7 +237,7 @@ __global__ void bwd_delta_kernel(const BwdParams p, float* delta, float* dq_acc)
   const T* dO = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h + i * p.dout.stride_s;
   const T* O = static_cast<const T*>(p.out.ptr) + b * p.out.stride_b + h * p.out.stride_h + i * p.out.stride_s;
   float s = 0.f;
-  for (int64_t c = lane; c < pb.Dv; c += 32) s += to_f32(dO[c]) * to_f32(O[c]);
+  for (int64_t c = lane; c < pb.Dv; c += 32) s += to_float(dO[c]) * to_float(O[c]);
   s = warp_sum(s);
   if (lane == 0) delta[row] = s;
   if (dq_acc) {

@@ -32,8 +32,8 @@ struct Slice {
     if (mask) {
       const int64_t idx = i * mask_ss + j * mask_sk;
       const float m = mask_kind == 0   ? reinterpret_cast<const float*>(mask)[idx]
-                      : mask_kind == 1 ? to_f32(reinterpret_cast<const __half*>(mask)[idx])
-                                       : to_f32(reinterpret_cast<const __nv_bfloat16*>(mask)[idx]);
+                      : mask_kind == 1 ? to_float(reinterpret_cast<const __half*>(mask)[idx])
+                                       : to_float(reinterpret_cast<const __nv_bfloat16*>(mask)[idx]);
       s = masked_score(s, m, kLog2e);  // attention.h: masking values
     }
     return s;

@@ -8,6 +8,7 @@
 #include "simt/simt.cuh"
 
 #include "attention/attention_cuda_config.h"
+#include "common/cuda_utils.cuh"
 
 namespace ff::attention::gpu {
 
@@ -17,18 +18,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // Tiles<DP>, head_dim_bucket: attention_cuda_config.h.
 
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+using ff::cuda::to_float;  // common/cuda_utils.cuh: the one dtype conversion and warp sum
+using ff::cuda::warp_sum;
 
 template <typename T>
 __device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
   *reinterpret_cast<uint32_t*>(dst) = ff::simt::pack2<T>(lo, hi);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------------

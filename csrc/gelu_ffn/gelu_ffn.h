@@ -19,8 +19,10 @@
 // CPU — what is fused: the GEMMs are torch's (at::mm_out into views of the outputs, so MKL / oneDNN);
 // every element-wise step between them is one pass: bias + GELU (writing pre and g), bias +
 // dropout, dropout + db2, and GELU + its derivative + db1 (recomputing g from pre).
-// Saved: pre (M, F) in the input dtype. dtypes: float32, bfloat16, float16; all math, the GEMMs
-// included, in float32 on the CPU (low-precision outputs are rounded once).
+// Saved: pre (M, F) in the input dtype. dtypes: float32, bfloat16, float16; the element-wise math
+// in float32 on the CPU; the GEMMs in float32 too, except bfloat16 on a CPU with bf16 matrix
+// instructions (common/cpu_gemm.h: use_bf16_gemm; docs/cpu_kernels.md), where they run in bf16
+// with float32 accumulation. Low-precision outputs are rounded once.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -48,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/cuda_utils.cuh"
 #include "common/philox.h"
 #include "simt/simt.cuh"
 #include "gelu_ffn/gelu_ffn_cuda.h"
@@ -70,12 +71,9 @@ using ff::simt::mma_m16n8k16;
 // ---------------------------------------------------------------------------------------------
 // Element helpers
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// Dtype conversions: common/cuda_utils.cuh, the one definition.
+using ff::cuda::from_float;
+using ff::cuda::to_float;
 
 // Two adjacent elements, stored with one 32-bit access (the column index is even).
 template <typename T>
@@ -86,8 +84,8 @@ struct alignas(2 * sizeof(T)) Pair {
 template <typename T>
 __device__ __forceinline__ void add_bias_pair(const T* bias, int col, float& v0, float& v1) {
   if (bias) {
-    v0 += to_f32(bias[col]);
-    v1 += to_f32(bias[col + 1]);
+    v0 += to_float(bias[col]);
+    v1 += to_float(bias[col + 1]);
   }
 }
 
@@ -161,7 +159,7 @@ struct StoreEpilogue {
   T* c;
   int64_t ldc;
   __device__ __forceinline__ void operator()(int64_t row, int col, float v0, float v1, float (&)[2]) const {
-    store_pair(c + row * ldc + col, from_f32<T>(v0), from_f32<T>(v1));
+    store_pair(c + row * ldc + col, from_float<T>(v0), from_float<T>(v1));
   }
 };
 
@@ -176,10 +174,10 @@ struct BiasGeluEpilogue {
   bool tanh_approx;
   __device__ __forceinline__ void operator()(int64_t row, int col, float v0, float v1, float (&)[2]) const {
     add_bias_pair(bias, col, v0, v1);
-    const T p0 = from_f32<T>(v0), p1 = from_f32<T>(v1);
+    const T p0 = from_float<T>(v0), p1 = from_float<T>(v1);
     store_pair(pre + row * ld + col, p0, p1);
-    store_pair(g + row * ld + col, from_f32<T>(gelu(to_f32(p0), tanh_approx)),
-               from_f32<T>(gelu(to_f32(p1), tanh_approx)));
+    store_pair(g + row * ld + col, from_float<T>(gelu(to_float(p0), tanh_approx)),
+               from_float<T>(gelu(to_float(p1), tanh_approx)));
   }
 };
 
@@ -199,7 +197,7 @@ struct BiasDropoutEpilogue {
       v0 *= z0;
       v1 *= z1;
     }
-    store_pair(y + row * ld + col, from_f32<T>(v0), from_f32<T>(v1));
+    store_pair(y + row * ld + col, from_float<T>(v0), from_float<T>(v1));
   }
 };
 
@@ -217,13 +215,13 @@ struct DgeluEpilogue {
   __device__ __forceinline__ void operator()(int64_t row, int col, float v0, float v1, float (&sum)[2]) const {
     const int64_t at = row * ld + col;
     float g0, g1, d0, d1;
-    gelu_and_grad(to_f32(pre[at]), tanh_approx, g0, d0);
-    gelu_and_grad(to_f32(pre[at + 1]), tanh_approx, g1, d1);
-    const T r0 = from_f32<T>(v0 * d0), r1 = from_f32<T>(v1 * d1);
+    gelu_and_grad(to_float(pre[at]), tanh_approx, g0, d0);
+    gelu_and_grad(to_float(pre[at + 1]), tanh_approx, g1, d1);
+    const T r0 = from_float<T>(v0 * d0), r1 = from_float<T>(v1 * d1);
     store_pair(dpre + at, r0, r1);
-    store_pair(g + at, from_f32<T>(g0), from_f32<T>(g1));
-    sum[0] += to_f32(r0);
-    sum[1] += to_f32(r1);
+    store_pair(g + at, from_float<T>(g0), from_float<T>(g1));
+    sum[0] += to_float(r0);
+    sum[1] += to_float(r1);
   }
 };
 
@@ -401,14 +399,14 @@ __global__ void dropout_colsum_kernel(const T* __restrict__ dy,  // (M, N)
   float s0 = 0.f, s1 = 0.f;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t at = r * N + col;
-    float v0 = to_f32(dy[at]), v1 = to_f32(dy[at + 1]);
+    float v0 = to_float(dy[at]), v1 = to_float(dy[at + 1]);
     if (dz != nullptr) {
       float z0, z1;
       dropout_pair(dropout, static_cast<uint64_t>(at), z0, z1);
-      const T q0 = from_f32<T>(v0 * z0), q1 = from_f32<T>(v1 * z1);
+      const T q0 = from_float<T>(v0 * z0), q1 = from_float<T>(v1 * z1);
       store_pair(dz + at, q0, q1);
-      v0 = to_f32(q0);
-      v1 = to_f32(q1);
+      v0 = to_float(q0);
+      v1 = to_float(q1);
     }
     s0 += v0;
     s1 += v1;
@@ -427,7 +425,7 @@ __global__ void colsum_reduce_kernel(const float* __restrict__ partial,  // (row
   if (col >= N) return;
   float s = 0.f;
   for (int64_t j = 0; j < rows; ++j) s += partial[j * N + col];
-  out[col] = from_f32<T>(s);
+  out[col] = from_float<T>(s);
 }
 
 // ---------------------------------------------------------------------------------------------
