@@ -80,4 +80,8 @@ ASAN_OPTIONS=detect_leaks=0 ctest --test-dir build/ctest --output-on-failure
 rm -f build-ctest.log
 
 if [ $# -eq 0 ]; then set -- tests; fi
-"$PY" -m pytest -q -p no:cacheprovider "$@"
+# PYTHONSAFEPATH (Python >= 3.11; also inherited by the tests' own subprocesses): keep the
+# repository root off sys.path, so the tests import the installed package and the top-level
+# kernels/ folder cannot shadow Hugging Face's `kernels` package (a dependency of transformers
+# that a fresh venv installs: transformers then imports ours and fails).
+PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -308,8 +308,10 @@ def test_ddp_two_processes_match_one(corpus_dir, tmp_path, capsys, private_cache
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = ["pretrain", "--backend", "reference", "--dropout", "0", "--steps", "4"]
     assert run_cli(common + base_args(corpus_dir, single), capsys)[0] == 0
+    # No empty PYTHONPATH entry: it would mean the current directory, whose top-level kernels/
+    # shadows Hugging Face's `kernels` package (a transformers dependency in a fresh venv).
     env = dict(os.environ, OMP_NUM_THREADS="1", FUSEDFORMER_CACHE=str(private_cache),
-               PYTHONPATH=str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fusedformer.train"] + common + base_args(corpus_dir, ddp)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
