@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "attention/attention.h"
+#include "attention/attention_cuda_config.h"
 #include "attention/attention_problem.h"
 #include "common/checks.h"
 
@@ -131,10 +132,20 @@ void attention_cuda_limits(c10::ScalarType dtype, int64_t D, int64_t Dv, int64_t
   check_cuda_problem("fusedformer_C::attention_cuda_limits: ", pb);
 }
 
+// The dynamic shared memory one CTA of the cuda kernels asks for at head dims (D, Dv <= 256): the
+// forward, or the backward (deterministic: the larger of its dK / dV and dQ kernels) —
+// attention_cuda_config.h's one definition, in every build. Dispatch compares it with the device's
+// opt-in limit (ops/attention.py), so that e.g. the head-dim-256 backward is not picked on sm_86.
+int64_t attention_cuda_smem_bytes(int64_t D, int64_t Dv, bool backward, bool deterministic) {
+  return static_cast<int64_t>(backward ? gpu::bwd_smem_bytes(D, Dv, deterministic) : gpu::fwd_smem_bytes(D, Dv));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
   m.def("attention_cuda_limits(ScalarType dtype, int D, int Dv, int Sq, int Sk) -> ()", &attention_cuda_limits);
+  m.def("attention_cuda_smem_bytes(int D, int Dv, bool backward, bool deterministic) -> int",
+        &attention_cuda_smem_bytes);
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
         "float dropout_p, bool is_causal, float scale, int seed, int offset) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "

@@ -59,6 +59,33 @@ TABLE: dict[str, backends.Impl] = C.backend_table(
     OP, lambda: (reference.attention_fwd, reference.attention_bwd), _load_native, _load_triton, "attention")
 
 
+def cuda_shared_memory_reasons(inputs: dict) -> list[str]:
+    """The one limit that depends on the GPU: a CTA's shared memory (``_C``'s
+    ``attention_cuda_smem_bytes``, declared once in csrc/attention/attention_cuda_config.h) against
+    the device's opt-in limit per block. sm_86 / sm_89 allow 99 KiB: there the head-dim-256
+    backward and the deterministic head-dim-128 / 256 backward do not fit. The backward counts when
+    the call will need gradients (the backward runs on the backend the forward picked)."""
+    device = inputs["device"]
+    if inputs.get("probe") or device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    D, Dv = inputs["head_dim"], inputs["head_dim_v"]
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    why = []
+    for backward in (False, True) if inputs.get("needs_grad") else (False,):
+        need = torch.ops.fusedformer_C.attention_cuda_smem_bytes(D, Dv, backward, deterministic)
+        if need > limit:
+            what = ("deterministic backward" if deterministic else "backward") if backward else "forward"
+            why.append(f"head dims ({D}, {Dv}): the cuda {what} needs {need} bytes of shared memory per block; "
+                       f"this GPU allows {limit}")
+    return why
+
+
+if "cuda" in TABLE:
+    _declared_cuda_reasons = TABLE["cuda"].reasons
+    TABLE["cuda"].reasons = lambda inputs: _declared_cuda_reasons(inputs) or cuda_shared_memory_reasons(inputs)
+
+
 @torch.library.custom_op("fusedformer::attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
@@ -277,7 +304,8 @@ def attention(
     seed_t = C.make_seed(op, seed, dropout_p)
     inputs = {"device": q.device, "dtype": q.dtype, "head_dim": D, "head_dim_v": v.shape[-1],
               "seqlen_q": q.shape[2], "seqlen_k": k.shape[2], "has_attn_mask": attn_mask is not None,
-              "has_key_padding_mask": key_padding_mask is not None, "dropout_p": dropout_p}
+              "has_key_padding_mask": key_padding_mask is not None, "dropout_p": dropout_p,
+              "needs_grad": torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)}
     name = backends.resolve(OP, TABLE, backend, inputs, q.device)
     if C.any_empty(q, k, v):
         name = "reference"  # nothing to compute: torch's empty / zero-sum results and gradients
