@@ -58,9 +58,8 @@ class Unavailable(RuntimeError):
 
 def fusedformer_reason(op_module, backend: str, device: torch.device) -> Optional[str]:
     """Why a fusedformer backend cannot run ``op_module``'s op on ``device`` at all (not input-specific)."""
-    if backend not in op_module.TABLE:
-        return f"{op_module.OP} has no {backend} implementation yet"
-    why = op_module.TABLE[backend].reasons({"device": device, "probe": True})
+    from fusedformer.backends import why_unavailable
+    why = why_unavailable(op_module, backend, device)
     return "; ".join(why) if why else None
 
 

@@ -376,8 +376,7 @@ def main(argv=None) -> int:
     op_module = import_module(f"fusedformer.ops.{args.op}")
     unavailable = {}
     for b in backends:
-        why = op_module.TABLE[b].reasons({"device": device, "probe": True}) if b in op_module.TABLE \
-            else [f"{args.op} has no {b} backend"]
+        why = ff.backends.why_unavailable(op_module, b, device)
         if why:
             unavailable[b] = "; ".join(why)
     print(f"gpu_smoke {args.op}: {len(cases)} cases x {backends} on {device_name}", flush=True)

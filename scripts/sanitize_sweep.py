@@ -24,7 +24,7 @@ from fusedformer.ops import layer_norm as layer_norm_op
 
 
 def _available(op_module) -> str | None:
-    why = op_module.TABLE["cuda"].reasons({"device": torch.device("cuda"), "probe": True})
+    why = ff.backends.why_unavailable(op_module, "cuda", "cuda")
     return "; ".join(why) if why else None
 
 

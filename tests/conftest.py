@@ -38,9 +38,7 @@ def skip_unless_available(op_module, backend: str) -> torch.device:
     device = device_for(backend)
     if backend in ("cuda",) and not HAS_GPU:
         pytest.skip(f"{backend}: needs a CUDA GPU; none is visible to torch")
-    if backend not in op_module.TABLE:
-        pytest.skip(f"{op_module.OP} has no {backend} implementation yet")
-    why = op_module.TABLE[backend].reasons({"device": device, "probe": True})
+    why = backends.why_unavailable(op_module, backend, device)
     if why:
         pytest.skip(f"{backend}: " + "; ".join(why))
     return device

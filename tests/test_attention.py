@@ -332,7 +332,7 @@ def test_bad_input(name):
 
 
 def _native_or_skip():
-    why = op_module.TABLE["cpu"].reasons({"device": torch.device("cpu"), "probe": True})
+    why = ff.backends.why_unavailable(op_module, "cpu")
     if why:
         pytest.skip("cpu: " + "; ".join(why))
     return torch.ops.fusedformer_C

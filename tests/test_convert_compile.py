@@ -52,7 +52,7 @@ MODELS = {"bert": _bert, "gpt2": _gpt2}
 def _backend_for_ops():
     """The backend the converted model runs on: automatic selection (cpu where built, else reference)."""
     for op in (layer_norm_op, attention_op, gelu_ffn_op):
-        if op.TABLE["reference"].reasons({"device": torch.device("cpu"), "probe": True}):
+        if ff.backends.why_unavailable(op, "reference"):
             pytest.skip("the reference backend is unavailable")
     return None
 

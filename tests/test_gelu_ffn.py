@@ -214,7 +214,7 @@ def test_bad_input(name):
 
 
 def test_native_op_checks_its_arguments():
-    why = op_module.TABLE["cpu"].reasons({"device": torch.device("cpu"), "probe": True})
+    why = ff.backends.why_unavailable(op_module, "cpu")
     if why:
         pytest.skip("cpu: " + "; ".join(why))
     C = torch.ops.fusedformer_C

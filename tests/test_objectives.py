@@ -362,8 +362,8 @@ def test_denoise_exact_resume_with_dropout(corpus_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("objective", ["mlm+nsp", "denoise"])
 def test_compare_new_objectives(corpus_dir, tmp_path, capsys, objective):
-    from fusedformer.ops import attention
-    fused = "cpu" if not attention.TABLE["cpu"].reasons({"device": torch.device("cpu"), "probe": True}) else "auto"
+    from fusedformer import backends
+    fused = "cpu" if backends.is_available("attention", "cpu") else "auto"
     out = tmp_path / "cmp"
     code, stdout, err = run_cli(["compare", "--objective", objective, "--backends", f"reference,{fused}",
                                  "--in-process", "--dropout", "0.1", "--steps", "5"] + base_args(corpus_dir, out),

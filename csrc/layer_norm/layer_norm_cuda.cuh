@@ -45,7 +45,7 @@ constexpr int64_t kSmemBudget = 48 * 1024;      // bytes usable without an opt-i
 constexpr int kReduceThreads = 256;             // threads per block of the dw / db column kernel
 
 template <typename T>
-struct FwdArgs {
+struct FwdKernelArgs {
   const T* x;          // (M, N)
   const T* residual;   // (M, N) or nullptr
   const void* weight;  // (N,) W or nullptr
@@ -62,7 +62,7 @@ struct FwdArgs {
 };
 
 template <typename T>
-struct BwdArgs {
+struct BwdKernelArgs {
   const T* dy;         // (M, N)
   const T* dh_out;     // (M, N) or nullptr
   const T* h;          // (M, N)
@@ -117,7 +117,7 @@ __device__ __forceinline__ void dropout_multipliers(const DropoutParams& d, uint
 
 // h for VEC elements of row m starting at column c, as the forward defines it.
 template <typename T, int VEC>
-__device__ __forceinline__ void form_h(const FwdArgs<T>& a, int64_t m, int64_t c, float (&v)[VEC]) {
+__device__ __forceinline__ void form_h(const FwdKernelArgs<T>& a, int64_t m, int64_t c, float (&v)[VEC]) {
   load_floats<VEC>(a.x + m * a.N + c, v);
   if (a.dropout.enabled) {
     float z[VEC];
@@ -135,7 +135,7 @@ __device__ __forceinline__ void form_h(const FwdArgs<T>& a, int64_t m, int64_t c
 
 // h again in passes 2-3: from the shared copy, the stored h, or x itself.
 template <typename T, int VEC>
-__device__ __forceinline__ void reload_h(const FwdArgs<T>& a, const float* cache, int64_t m, int64_t c,
+__device__ __forceinline__ void reload_h(const FwdKernelArgs<T>& a, const float* cache, int64_t m, int64_t c,
                                          float (&v)[VEC]) {
   if (cache) {
 #pragma unroll
@@ -146,7 +146,7 @@ __device__ __forceinline__ void reload_h(const FwdArgs<T>& a, const float* cache
 }
 
 template <typename T, typename W, int VEC>
-__global__ void ln_fwd_kernel(const FwdArgs<T> a) {
+__global__ void ln_fwd_kernel(const FwdKernelArgs<T> a) {
   FF_DYNAMIC_SMEM(float, smem);
   float* scratch = smem;
   float* cache = a.cache_row ? smem + kScratch : nullptr;
@@ -209,7 +209,7 @@ __global__ void ln_fwd_kernel(const FwdArgs<T> a) {
 }
 
 template <typename T, typename W, int VEC>
-__global__ void ln_bwd_kernel(const BwdArgs<T> a) {
+__global__ void ln_bwd_kernel(const BwdKernelArgs<T> a) {
   FF_DYNAMIC_SMEM(float, smem);
   float* scratch = smem;
   const int64_t N = a.N;
@@ -319,7 +319,7 @@ inline int threads_for(int64_t N, int vec) {
 
 template <typename T, typename W>
 void launch_fwd(const FwdParams& p, const Launch& l) {
-  FwdArgs<T> a{static_cast<const T*>(p.x), static_cast<const T*>(p.residual), p.weight, p.bias,
+  FwdKernelArgs<T> a{static_cast<const T*>(p.x), static_cast<const T*>(p.residual), p.weight, p.bias,
                static_cast<T*>(p.y), static_cast<T*>(p.h), p.mean, p.rstd, p.M, p.N, p.eps, p.rms, false,
                p.dropout};
   const int vec = vector_width<T>(p.N, {p.x, p.residual, p.y, p.h});
@@ -337,7 +337,7 @@ void launch_bwd(const BwdParams& p, float* partials, const Launch& l) {
   const int vec = vector_width<T>(p.N, {p.dy, p.dh_out, p.h, p.dh, p.dx});
   const int threads = threads_for(p.N, vec);
   const int64_t G = bwd_blocks(p.M, l.num_sms);
-  BwdArgs<T> a{static_cast<const T*>(p.dy), static_cast<const T*>(p.dh_out), static_cast<const T*>(p.h),
+  BwdKernelArgs<T> a{static_cast<const T*>(p.dy), static_cast<const T*>(p.dh_out), static_cast<const T*>(p.h),
                p.weight, p.mean, p.rstd, static_cast<T*>(p.dh), static_cast<T*>(p.dx),
                partials, partials + G * p.N, p.M, p.N, p.rms, false, p.dropout};
   a.smem_partials = static_cast<int64_t>(kScratch + 2 * p.N) * 4 <= kSmemBudget;

@@ -30,21 +30,21 @@ from torch import Tensor
 
 from .. import _compat, backends, reference
 from . import _autocast
-from . import _common as C
+from . import _common as common
 from ..errors import InputError, InputTypeError
 
 OP = "attention"
 
 
 def _load_native():
-    fwd_op, bwd_op = C.native_op("attention_fwd"), C.native_op("attention_bwd")
+    fwd_op, bwd_op = common.native_op("attention_fwd"), common.native_op("attention_bwd")
 
     def fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset):
-        return fwd_op(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, C.seed_int(seed), offset)
+        return fwd_op(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, common.seed_int(seed), offset)
 
     def bwd(dout, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset):
         return bwd_op(dout, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-                      C.seed_int(seed), offset)
+                      common.seed_int(seed), offset)
 
     return fwd, bwd
 
@@ -55,7 +55,7 @@ def _load_triton():
 
 
 # Each backend's limits are declared in ops/limits.py (ATTENTION); reasons() come from them.
-TABLE: dict[str, backends.Impl] = C.backend_table(
+TABLE: dict[str, backends.Impl] = common.backend_table(
     OP, lambda: (reference.attention_fwd, reference.attention_bwd), _load_native, _load_triton, "attention")
 
 
@@ -91,7 +91,7 @@ def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     dropout_p: float, is_causal: bool, scale: float, seed: Optional[Tensor], offset: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fwd, _ = C.fns(TABLE, backend, q, k, v)
+    fwd, _ = common.fns(TABLE, backend, q, k, v)
     return fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset)
 
 
@@ -99,7 +99,7 @@ def attention_fwd(
 def _(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset, backend):
     B, H, Sq, _ = q.shape
     out = q.new_empty(B, H, Sq, v.shape[-1])
-    return out, q.new_empty(B, H, Sq, dtype=C.stat_dtype(q.dtype))
+    return out, q.new_empty(B, H, Sq, dtype=common.stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("fusedformer::attention_bwd", mutates_args=())
@@ -108,7 +108,7 @@ def attention_bwd(
     key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
     seed: Optional[Tensor], offset: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, bwd = C.fns(TABLE, backend, q, k, v)
+    _, bwd = common.fns(TABLE, backend, q, k, v)
     return bwd(dout, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset)
 
 
@@ -134,7 +134,7 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-OPS = C.FusedOp(OP, TABLE, attention_fwd, attention_bwd, _setup_context, _backward)
+OPS = common.FusedOp(OP, TABLE, attention_fwd, attention_bwd, _setup_context, _backward)
 
 
 def _check_qkv(op: str, query, key, value, enable_gqa: bool):
@@ -145,9 +145,9 @@ def _check_qkv(op: str, query, key, value, enable_gqa: bool):
 
     Returns ``(q, k, v, batch, heads)``: 4-D (B, H, S, D) views (expanded where batch broadcasts),
     the broadcast batch shape and whether the inputs had a heads dim, to shape the result back."""
-    q = C.check_tensor(op, "query", query, min_ndim=2)
-    k = C.check_tensor(op, "key", key, min_ndim=2)
-    v = C.check_tensor(op, "value", value, min_ndim=2)
+    q = common.check_tensor(op, "query", query, min_ndim=2)
+    k = common.check_tensor(op, "key", key, min_ndim=2)
+    v = common.check_tensor(op, "value", value, min_ndim=2)
     for name, t in (("key", k), ("value", v)):
         if t.device != q.device:
             raise InputError(f"{op}: {name} is on {t.device} but query is on {q.device}; expected the same device")
@@ -276,7 +276,7 @@ def attention(
     enable_gqa: bool = False,
     *,
     key_padding_mask: Optional[Tensor] = None,
-    seed: C.SeedLike = None,
+    seed: common.SeedLike = None,
     offset: int = 0,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -298,16 +298,16 @@ def attention(
     if not isinstance(is_causal, bool):
         raise InputTypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
     D = q.shape[-1]
-    scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else C.check_finite(op, "scale", scale)
-    dropout_p = C.check_probability(op, "dropout_p", dropout_p)
-    offset = C.check_offset(op, offset)
-    seed_t = C.make_seed(op, seed, dropout_p)
+    scale = (1.0 / math.sqrt(D) if D else 1.0) if scale is None else common.check_finite(op, "scale", scale)
+    dropout_p = common.check_probability(op, "dropout_p", dropout_p)
+    offset = common.check_offset(op, offset)
+    seed_t = common.make_seed(op, seed, dropout_p)
     inputs = {"device": q.device, "dtype": q.dtype, "head_dim": D, "head_dim_v": v.shape[-1],
               "seqlen_q": q.shape[2], "seqlen_k": k.shape[2], "has_attn_mask": attn_mask is not None,
               "has_key_padding_mask": key_padding_mask is not None, "dropout_p": dropout_p,
               "needs_grad": torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)}
     name = backends.resolve(OP, TABLE, backend, inputs, q.device)
-    if C.any_empty(q, k, v):
+    if common.any_empty(q, k, v):
         name = "reference"  # nothing to compute: torch's empty / zero-sum results and gradients
     out, lse = OPS(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed_t, offset, name)
     if not heads or len(batch) != 1:  # back to the inputs' leading dims

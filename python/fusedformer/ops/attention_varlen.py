@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from . import _common as C
+from . import _common as common
 from ..errors import InputError, InputTypeError
 
 OP = "attention_varlen"
@@ -38,7 +38,7 @@ def _load_triton():
 
 # The Triton backend's limits are declared in ops/limits.py (ATTENTION_VARLEN); reasons() come
 # from them. No native implementation.
-TABLE: dict[str, backends.Impl] = C.backend_table(
+TABLE: dict[str, backends.Impl] = common.backend_table(
     OP, lambda: (reference.attention_varlen_fwd, reference.attention_varlen_bwd), None, _load_triton, "attention")
 
 
@@ -57,7 +57,7 @@ def attention_varlen_fwd(
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale, seed,
       offset, backend):
     T, H, _ = q.shape
-    return q.new_empty(T, H, v.shape[-1]), q.new_empty(H, T, dtype=C.stat_dtype(q.dtype))
+    return q.new_empty(T, H, v.shape[-1]), q.new_empty(H, T, dtype=common.stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("fusedformer::attention_varlen_bwd", mutates_args=())
@@ -97,7 +97,7 @@ def _backward(ctx, dout, _dlse):
     return (dq, dk, dv) + (None,) * 10
 
 
-OPS = C.FusedOp(OP, TABLE, attention_varlen_fwd, attention_varlen_bwd, _setup_context, _backward)
+OPS = common.FusedOp(OP, TABLE, attention_varlen_fwd, attention_varlen_bwd, _setup_context, _backward)
 
 
 def _check_cu_seqlens(op: str, name: str, cu, total: int, device: torch.device, max_name: str, max_len) -> int:
@@ -137,7 +137,7 @@ def attention_varlen(
     is_causal: bool = False,
     scale: Optional[float] = None,
     *,
-    seed: C.SeedLike = None,
+    seed: common.SeedLike = None,
     offset: int = 0,
     return_lse: bool = False,
     backend: Optional[str] = None,
@@ -157,9 +157,9 @@ def attention_varlen(
     Returns ``out`` (Tq, H, Dv) in q's dtype, or ``(out, lse)``.
     """
     op = "attention_varlen"
-    q = C.check_tensor(op, "q", q, ndim=3, nonempty=True)
-    k = C.check_tensor(op, "k", k, ndim=3, nonempty=True)
-    v = C.check_tensor(op, "v", v, ndim=3, nonempty=True)
+    q = common.check_tensor(op, "q", q, ndim=3, nonempty=True)
+    k = common.check_tensor(op, "k", k, ndim=3, nonempty=True)
+    v = common.check_tensor(op, "v", v, ndim=3, nonempty=True)
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise InputError(f"{op}: {name} is on {t.device} but q is on {q.device}; expected the same device")
@@ -185,10 +185,10 @@ def attention_varlen(
                          f"{cu_seqlens_k.shape[0]}; expected the same number of sequences")
     if not isinstance(is_causal, bool):
         raise InputTypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
-    scale = 1.0 / math.sqrt(D) if scale is None else C.check_finite(op, "scale", scale)
-    dropout_p = C.check_probability(op, "dropout_p", dropout_p)
-    offset = C.check_offset(op, offset)
-    seed_t = C.make_seed(op, seed, dropout_p)
+    scale = 1.0 / math.sqrt(D) if scale is None else common.check_finite(op, "scale", scale)
+    dropout_p = common.check_probability(op, "dropout_p", dropout_p)
+    offset = common.check_offset(op, offset)
+    seed_t = common.make_seed(op, seed, dropout_p)
     inputs = {"device": q.device, "dtype": q.dtype, "head_dim": D, "head_dim_v": v.shape[-1],
               "seqlen_q": max_seqlen_q, "seqlen_k": max_seqlen_k, "dropout_p": dropout_p}
     name = backends.resolve(OP, TABLE, backend, inputs, q.device)

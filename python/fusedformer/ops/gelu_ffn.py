@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _autocast
-from . import _common as C
+from . import _common as common
 from ..errors import InputError
 
 OP = "gelu_ffn"
@@ -24,13 +24,13 @@ APPROXIMATIONS = ("none", "tanh")
 
 
 def _load_native():
-    fwd_op, bwd_op = C.native_op("gelu_ffn_fwd"), C.native_op("gelu_ffn_bwd")
+    fwd_op, bwd_op = common.native_op("gelu_ffn_fwd"), common.native_op("gelu_ffn_bwd")
 
     def fwd(x, w1, b1, w2, b2, approximate, dropout_p, seed, offset):
-        return fwd_op(x, w1, b1, w2, b2, approximate, dropout_p, C.seed_int(seed), offset)
+        return fwd_op(x, w1, b1, w2, b2, approximate, dropout_p, common.seed_int(seed), offset)
 
     def bwd(dy, x, w1, w2, pre, approximate, dropout_p, seed, offset, has_b1, has_b2):
-        return bwd_op(dy, x, w1, w2, pre, approximate, dropout_p, C.seed_int(seed), offset, has_b1, has_b2)
+        return bwd_op(dy, x, w1, w2, pre, approximate, dropout_p, common.seed_int(seed), offset, has_b1, has_b2)
 
     return fwd, bwd
 
@@ -41,7 +41,7 @@ def _load_triton():
 
 
 # Each backend's limits are declared in ops/limits.py (GELU_FFN); reasons() come from them.
-TABLE: dict[str, backends.Impl] = C.backend_table(
+TABLE: dict[str, backends.Impl] = common.backend_table(
     OP, lambda: (reference.gelu_ffn_fwd, reference.gelu_ffn_bwd), _load_native, _load_triton, "gelu_ffn")
 
 
@@ -50,7 +50,7 @@ def gelu_ffn_fwd(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], approximate: str,
     dropout_p: float, seed: Optional[Tensor], offset: int, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    fwd, _ = C.fns(TABLE, backend, x, w1, w2)
+    fwd, _ = common.fns(TABLE, backend, x, w1, w2)
     return fwd(x, w1, b1, w2, b2, approximate, dropout_p, seed, offset)
 
 
@@ -64,7 +64,7 @@ def gelu_ffn_bwd(
     dy: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, approximate: str, dropout_p: float,
     seed: Optional[Tensor], offset: int, has_b1: bool, has_b2: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, bwd = C.fns(TABLE, backend, dy, x, w1, w2)
+    _, bwd = common.fns(TABLE, backend, dy, x, w1, w2)
     return bwd(dy, x, w1, w2, pre, approximate, dropout_p, seed, offset, has_b1, has_b2)
 
 
@@ -93,7 +93,7 @@ def _backward(ctx, dy, _dpre):
             None, None, None, None, None)
 
 
-OPS = C.FusedOp(OP, TABLE, gelu_ffn_fwd, gelu_ffn_bwd, _setup_context, _backward)
+OPS = common.FusedOp(OP, TABLE, gelu_ffn_fwd, gelu_ffn_bwd, _setup_context, _backward)
 
 
 def gelu_ffn(
@@ -105,7 +105,7 @@ def gelu_ffn(
     approximate: str = "none",
     dropout_p: float = 0.0,
     *,
-    seed: C.SeedLike = None,
+    seed: common.SeedLike = None,
     offset: int = 0,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -119,28 +119,28 @@ def gelu_ffn(
     """
     op = "gelu_ffn"
     input, w1, b1, w2, b2 = _autocast.lower_precision(_autocast.LINEAR, input, w1, b1, w2, b2)
-    x = C.check_tensor(op, "input", input, min_ndim=1)
-    C.check_tensor(op, "w1", w1, ndim=2)
-    C.check_tensor(op, "w2", w2, ndim=2)
-    C.check_like(op, "w1", w1, x, "input")
-    C.check_like(op, "w2", w2, x, "input")
-    Cin, F = x.shape[-1], w1.shape[0]
-    if w1.shape[1] != Cin:
-        raise InputError(f"{op}: w1 has shape {tuple(w1.shape)}; expected (F, {Cin}) to match input's last dim {Cin}")
+    x = common.check_tensor(op, "input", input, min_ndim=1)
+    common.check_tensor(op, "w1", w1, ndim=2)
+    common.check_tensor(op, "w2", w2, ndim=2)
+    common.check_like(op, "w1", w1, x, "input")
+    common.check_like(op, "w2", w2, x, "input")
+    C, F = x.shape[-1], w1.shape[0]
+    if w1.shape[1] != C:
+        raise InputError(f"{op}: w1 has shape {tuple(w1.shape)}; expected (F, {C}) to match input's last dim {C}")
     if w2.shape[1] != F:
         raise InputError(f"{op}: w2 has shape {tuple(w2.shape)}; expected (C2, {F}) to match w1's {F} outputs")
-    C.check_like(op, "b1", b1, x, "input", shape=(F,))
-    C.check_like(op, "b2", b2, x, "input", shape=(w2.shape[0],))
+    common.check_like(op, "b1", b1, x, "input", shape=(F,))
+    common.check_like(op, "b2", b2, x, "input", shape=(w2.shape[0],))
     if approximate not in APPROXIMATIONS:
         raise InputError(f"{op}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    dropout_p = C.check_probability(op, "dropout_p", dropout_p)
-    offset = C.check_offset(op, offset)
-    seed_t = C.make_seed(op, seed, dropout_p)
+    dropout_p = common.check_probability(op, "dropout_p", dropout_p)
+    offset = common.check_offset(op, offset)
+    seed_t = common.make_seed(op, seed, dropout_p)
 
-    x2 = x.reshape(math.prod(x.shape[:-1]), Cin).contiguous()
-    inputs = {"device": x.device, "dtype": x.dtype, "M": x2.shape[0], "C": Cin, "F": F, "C2": w2.shape[0]}
+    x2 = x.reshape(math.prod(x.shape[:-1]), C).contiguous()
+    inputs = {"device": x.device, "dtype": x.dtype, "M": x2.shape[0], "C": C, "F": F, "C2": w2.shape[0]}
     name = backends.resolve(OP, TABLE, backend, inputs, x.device)
-    if C.any_empty(x2, w1, w2):
+    if common.any_empty(x2, w1, w2):
         name = "reference"  # nothing to compute: torch's empty (or zero-sum) results and gradients
     y, _ = OPS(x2, w1.contiguous(), b1, w2.contiguous(), b2, approximate, dropout_p, seed_t, offset, name)
     return y.reshape(*x.shape[:-1], w2.shape[0])

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _autocast
-from . import _common as C
+from . import _common as common
 from ..errors import InputError, InputTypeError
 
 OP = "layer_norm"
@@ -29,13 +29,13 @@ OP = "layer_norm"
 # backends
 # ------------------------------------------------------------------------------------------------
 def _load_native():
-    fwd_op, bwd_op = C.native_op("layer_norm_fwd"), C.native_op("layer_norm_bwd")
+    fwd_op, bwd_op = common.native_op("layer_norm_fwd"), common.native_op("layer_norm_bwd")
 
     def fwd(x, residual, weight, bias, eps, dropout_p, seed, offset, rms):
-        return fwd_op(x, residual, weight, bias, eps, dropout_p, C.seed_int(seed), offset, rms)
+        return fwd_op(x, residual, weight, bias, eps, dropout_p, common.seed_int(seed), offset, rms)
 
     def bwd(dy, dh, h, weight, mean, rstd, dropout_p, seed, offset, rms, has_bias):
-        return bwd_op(dy, dh, h, weight, mean, rstd, dropout_p, C.seed_int(seed), offset, rms, has_bias)
+        return bwd_op(dy, dh, h, weight, mean, rstd, dropout_p, common.seed_int(seed), offset, rms, has_bias)
 
     return fwd, bwd
 
@@ -46,7 +46,7 @@ def _load_triton():
 
 
 # Each backend's limits are declared in ops/limits.py (LAYER_NORM); reasons() come from them.
-TABLE: dict[str, backends.Impl] = C.backend_table(
+TABLE: dict[str, backends.Impl] = common.backend_table(
     OP, lambda: (reference.layer_norm_fwd, reference.layer_norm_bwd), _load_native, _load_triton, "layer_norm")
 
 
@@ -58,14 +58,14 @@ def layer_norm_fwd(
     x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
     eps: float, dropout_p: float, seed: Optional[Tensor], offset: int, rms: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    fwd, _ = C.fns(TABLE, backend, x)
+    fwd, _ = common.fns(TABLE, backend, x)
     return fwd(x, residual, weight, bias, eps, dropout_p, seed, offset, rms)
 
 
 @layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed, offset, rms, backend):
     M = x.shape[0]
-    stat = C.stat_dtype(x.dtype)
+    stat = common.stat_dtype(x.dtype)
     has_h = residual is not None or dropout_p > 0.0
     return (torch.empty_like(x), torch.empty_like(x) if has_h else x.new_empty(0),
             x.new_empty(0 if rms else M, dtype=stat), x.new_empty(M, dtype=stat))
@@ -76,7 +76,7 @@ def layer_norm_bwd(
     dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
     dropout_p: float, seed: Optional[Tensor], offset: int, rms: bool, has_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, bwd = C.fns(TABLE, backend, dy, h)
+    _, bwd = common.fns(TABLE, backend, dy, h)
     return bwd(dy, dh, h, weight, mean, rstd, dropout_p, seed, offset, rms, has_bias)
 
 
@@ -113,7 +113,7 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
             None, None, None, None, None, None)
 
 
-OPS = C.FusedOp(OP, TABLE, layer_norm_fwd, layer_norm_bwd, _setup_context, _backward)
+OPS = common.FusedOp(OP, TABLE, layer_norm_fwd, layer_norm_bwd, _setup_context, _backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def _flat(t: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
 
 def _norm(op: str, input: Tensor, normalized_shape, weight, bias, eps, residual, dropout_p, seed,
           offset, return_residual, backend, rms):
-    x = C.check_tensor(op, "input", input, min_ndim=1)
+    x = common.check_tensor(op, "input", input, min_ndim=1)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(int(s) for s in normalized_shape)
@@ -139,15 +139,15 @@ def _norm(op: str, input: Tensor, normalized_shape, weight, bias, eps, residual,
         raise InputError(f"{op}: normalized_shape {normalized_shape} must be a non-empty suffix of "
                          f"input's shape {tuple(x.shape)}")
     wdtypes = (x.dtype, torch.float32)
-    C.check_like(op, "weight", weight, x, "input", shape=normalized_shape, dtypes=wdtypes)
-    C.check_like(op, "bias", bias, x, "input", shape=normalized_shape, dtypes=wdtypes)
+    common.check_like(op, "weight", weight, x, "input", shape=normalized_shape, dtypes=wdtypes)
+    common.check_like(op, "bias", bias, x, "input", shape=normalized_shape, dtypes=wdtypes)
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise InputTypeError(f"{op}: weight ({weight.dtype}) and bias ({bias.dtype}) must have the same dtype")
-    C.check_like(op, "residual", residual, x, "input", shape=x.shape)
-    eps = C.check_finite(op, "eps", eps, min_value=0.0)
-    dropout_p = C.check_probability(op, "dropout_p", dropout_p)
-    offset = C.check_offset(op, offset)
-    seed_t = C.make_seed(op, seed, dropout_p)
+    common.check_like(op, "residual", residual, x, "input", shape=x.shape)
+    eps = common.check_finite(op, "eps", eps, min_value=0.0)
+    dropout_p = common.check_probability(op, "dropout_p", dropout_p)
+    offset = common.check_offset(op, offset)
+    seed_t = common.make_seed(op, seed, dropout_p)
 
     N = math.prod(normalized_shape)
     M = math.prod(x.shape[:-k])
@@ -157,7 +157,7 @@ def _norm(op: str, input: Tensor, normalized_shape, weight, bias, eps, residual,
     inputs = {"device": x.device, "dtype": x.dtype, "M": x2.shape[0], "N": N,
               "weight_dtype": None if w1 is None else w1.dtype}
     name = backends.resolve(OP, TABLE, backend, inputs, x.device)
-    if C.any_empty(x2):
+    if common.any_empty(x2):
         name = "reference"  # nothing to compute: torch's empty results and zero weight gradients
     y, h, _, _ = OPS(x2, r2, w1, b1, eps, dropout_p, seed_t, offset, rms, name)
     if y.shape != x.shape:
@@ -177,7 +177,7 @@ def layer_norm(
     *,
     residual: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    seed: C.SeedLike = None,
+    seed: common.SeedLike = None,
     offset: int = 0,
     return_residual: bool = False,
     backend: Optional[str] = None,
@@ -210,7 +210,7 @@ def rms_norm(
     *,
     residual: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    seed: C.SeedLike = None,
+    seed: common.SeedLike = None,
     offset: int = 0,
     return_residual: bool = False,
     backend: Optional[str] = None,

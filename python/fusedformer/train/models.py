@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..backends import why_unavailable
 from ..integrations import convert
 from .config import OBJECTIVE_NAMES, TrainError
 
@@ -265,10 +266,7 @@ def backend_problems(backend: str, device: torch.device) -> list[str]:
     from ..ops import attention, gelu_ffn, layer_norm
     problems = []
     for op in (attention, gelu_ffn, layer_norm):
-        if backend not in op.TABLE:
-            problems.append(f"{op.OP} has no {backend} implementation")
-            continue
-        why = op.TABLE[backend].reasons({"device": device, "probe": True})
+        why = why_unavailable(op, backend, device)
         problems += [f"{op.OP}: {w}" for w in why]
     return list(dict.fromkeys(problems))
 
