@@ -33,3 +33,29 @@ def known_zero(n) -> bool:
     size under torch.export is not guarded on)."""
     from torch.fx.experimental.symbolic_shapes import guard_or_false
     return guard_or_false(n == 0)
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the dispatcher has a kernel for ``op`` (``"aten::linear"``, ``"fusedformer_C::..."``)
+    under ``dispatch_key`` (``"CPU"``, ``"AutocastCUDA"``, ...); False for an op or key this torch
+    does not know."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key))
+    except RuntimeError:
+        return False
+
+
+def in_dispatch_mode_or_transform() -> bool:
+    """Whether a torch dispatch mode (fake tensors, make_fx, FlopCounterMode, ...) or a torch.func
+    transform is active: such calls must go through the registered custom ops."""
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def cpu_capability_map() -> dict:
+    """torch's map of the CPU's capabilities (ISA flags, model name); {} where this torch has none."""
+    try:
+        return dict(torch._C._cpu._get_cpu_capability())
+    except (AttributeError, RuntimeError, TypeError):
+        return {}

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+from . import _compat
 from .errors import InputError, InputTypeError
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
@@ -138,7 +139,7 @@ def native_reason(device_type: str, op: str) -> Optional[str]:
         if reason is None:
             dispatch_key = "CPU" if device_type == "cpu" else "CUDA"
             has = hasattr(torch.ops.fusedformer_C, f"{op}_fwd") and \
-                torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer_C::{op}_fwd", dispatch_key)
+                _compat.has_kernel(f"fusedformer_C::{op}_fwd", dispatch_key)
             if not has:
                 record = build_record()
                 if device_type == "cuda" and not record.get("cuda", False):

@@ -27,6 +27,8 @@ from typing import Iterator
 
 import torch
 
+from . import _compat
+
 ENV = "FUSEDFORMER_CPU_BF16_GEMM"
 MODES = ("auto", "on", "off")
 GEMM_OPS = ("gelu_ffn", "attention")
@@ -38,10 +40,7 @@ FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "amx_fp16")
 def capabilities() -> dict:
     """The CPU's model name, torch's CPU capability (the ATen kernels' ISA) and the low-precision
     flags of :data:`FLAGS` (False where torch does not report them)."""
-    try:
-        reported = dict(torch._C._cpu._get_cpu_capability())
-    except (AttributeError, RuntimeError, TypeError):  # an older torch without the map
-        reported = {}
+    reported = _compat.cpu_capability_map()  # {} on an older torch without the map
     caps = {"model": cpu_model() or str(reported.get("cpu_name") or platform.processor() or platform.machine()),
             "isa": torch.backends.cpu.get_cpu_capability()}
     for flag in FLAGS:

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _compat
+
 # torch's autocast dispatch key per device type.
 _KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU", "mps": "AutocastMPS"}
 LINEAR, SDPA, LAYER_NORM, RMS_NORM = ("aten::linear", "aten::scaled_dot_product_attention", "aten::layer_norm",
@@ -38,10 +40,7 @@ LINEAR, SDPA, LAYER_NORM, RMS_NORM = ("aten::linear", "aten::scaled_dot_product_
 
 
 def _registered(op: str, key: str) -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
-    except RuntimeError:  # an op or key this torch does not know
-        return False
+    return _compat.has_kernel(op, key)
 
 
 # (aten op, device type) -> whether torch's autocast casts that op's inputs on that device.

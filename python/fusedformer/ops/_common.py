@@ -200,9 +200,7 @@ def _traced(args) -> bool:
     """Whether a call must go through the custom ops: under torch.compile / export tracing, a
     dispatch mode (fake tensors, make_fx, FlopCounterMode, ...), a torch.func transform, or with a
     tensor subclass among the arguments."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return True
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch.compiler.is_compiling() or _compat.in_dispatch_mode_or_transform():
         return True
     return any(isinstance(a, Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)
 
