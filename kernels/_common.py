@@ -41,9 +41,10 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def seed_value(seed) -> int:
-    """The launcher-side seed: ``None`` (no dropout) or a (1,) int64 CPU tensor, as a Python int."""
-    return 0 if seed is None else int(seed.reshape(-1)[0])
+try:  # the one Python seed conversion; installed as fusedformer.kernels
+    from ..rng import seed_int as seed_value  # noqa: E402
+except ImportError:  # loaded as a top-level ``kernels`` package (scripts/triton_aot_check.py)
+    from fusedformer.rng import seed_int as seed_value  # noqa: E402
 
 
 def dropout_constants(p: float) -> tuple[int, float]:

@@ -342,7 +342,7 @@ def test_native_op_checks_its_arguments():
     """Direct callers of torch.ops.fusedformer_C.* get an error, never a crash or a wrong answer."""
     C = _native_or_skip()
     q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
-    good = (q, k, v, None, None, 0.0, False, 0.3, 0, 0)
+    good = (q, k, v, None, None, 0.0, False, 0.3, None, 0)
 
     def call(**changes):
         names = ("q", "k", "v", "attn_mask", "key_padding_mask", "dropout_p", "is_causal", "scale", "seed", "offset")
@@ -368,6 +368,6 @@ def test_native_op_checks_its_arguments():
         call(q=torch.randn(1, 2, 0, 8))
     out, lse = call()
     with pytest.raises(ValueError, match="lse"):
-        C.attention_bwd(torch.randn_like(out), q, k, v, out, lse[..., :3], None, None, 0.0, False, 0.3, 0, 0)
+        C.attention_bwd(torch.randn_like(out), q, k, v, out, lse[..., :3], None, None, 0.0, False, 0.3, None, 0)
     with pytest.raises(ValueError, match="dout"):
-        C.attention_bwd(torch.randn(1, 2, 4, 7), q, k, v, out, lse, None, None, 0.0, False, 0.3, 0, 0)
+        C.attention_bwd(torch.randn(1, 2, 4, 7), q, k, v, out, lse, None, None, 0.0, False, 0.3, None, 0)

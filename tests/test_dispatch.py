@@ -134,12 +134,12 @@ def test_layer_norm_bad_input(call, exc, needle):
 def test_native_op_checks_its_arguments():
     op = torch.ops.fusedformer_C.layer_norm_fwd
     with pytest.raises((RuntimeError, ValueError), match="contiguous"):
-        op(torch.randn(6, 4).t(), None, None, None, 1e-5, 0.0, 0, 0, False)
+        op(torch.randn(6, 4).t(), None, None, None, 1e-5, 0.0, None, 0, False)
     with pytest.raises((RuntimeError, TypeError), match="float32, float16 or bfloat16"):
-        op(torch.randn(4, 6, dtype=torch.float64), None, None, None, 1e-5, 0.0, 0, 0, False)
+        op(torch.randn(4, 6, dtype=torch.float64), None, None, None, 1e-5, 0.0, None, 0, False)
     with pytest.raises((RuntimeError, ValueError), match="weight"):
-        op(torch.randn(4, 6), None, torch.ones(5), None, 1e-5, 0.0, 0, 0, False)
+        op(torch.randn(4, 6), None, torch.ones(5), None, 1e-5, 0.0, None, 0, False)
     with pytest.raises((RuntimeError, ValueError), match="dropout_p"):
-        op(torch.randn(4, 6), None, None, None, 1e-5, 1.5, 0, 0, False)
+        op(torch.randn(4, 6), None, None, None, 1e-5, 1.5, None, 0, False)
     with pytest.raises((RuntimeError, ValueError), match="empty"):
-        op(torch.randn(0, 6), None, None, None, 1e-5, 0.0, 0, 0, False)
+        op(torch.randn(0, 6), None, None, None, 1e-5, 0.0, None, 0, False)

@@ -220,20 +220,20 @@ def test_native_op_checks_its_arguments():
     C = torch.ops.fusedformer_C
     a = _good()
     x, w1, b1, w2, b2 = a["input"], a["w1"], a["b1"], a["w2"], a["b2"]
-    y, pre = C.gelu_ffn_fwd(x, w1, b1, w2, b2, "none", 0.0, 0, 0)
+    y, pre = C.gelu_ffn_fwd(x, w1, b1, w2, b2, "none", 0.0, None, 0)
     with pytest.raises(ValueError, match="w1"):
-        C.gelu_ffn_fwd(x, w1[:, :7], b1, w2, b2, "none", 0.0, 0, 0)
+        C.gelu_ffn_fwd(x, w1[:, :7], b1, w2, b2, "none", 0.0, None, 0)
     with pytest.raises(ValueError, match="b2"):
-        C.gelu_ffn_fwd(x, w1, b1, w2, b2[:3], "none", 0.0, 0, 0)
+        C.gelu_ffn_fwd(x, w1, b1, w2, b2[:3], "none", 0.0, None, 0)
     with pytest.raises(TypeError, match="w2"):
-        C.gelu_ffn_fwd(x, w1, b1, w2.double(), b2, "none", 0.0, 0, 0)
+        C.gelu_ffn_fwd(x, w1, b1, w2.double(), b2, "none", 0.0, None, 0)
     with pytest.raises(ValueError, match="contiguous"):
-        C.gelu_ffn_fwd(x.t().contiguous().t(), w1, b1, w2, b2, "none", 0.0, 0, 0)
+        C.gelu_ffn_fwd(x.t().contiguous().t(), w1, b1, w2, b2, "none", 0.0, None, 0)
     with pytest.raises(ValueError, match="approximate"):
-        C.gelu_ffn_fwd(x, w1, b1, w2, b2, "erf", 0.0, 0, 0)
+        C.gelu_ffn_fwd(x, w1, b1, w2, b2, "erf", 0.0, None, 0)
     with pytest.raises(ValueError, match="dropout_p"):
-        C.gelu_ffn_fwd(x, w1, b1, w2, b2, "none", -0.5, 0, 0)
+        C.gelu_ffn_fwd(x, w1, b1, w2, b2, "none", -0.5, None, 0)
     with pytest.raises(ValueError, match="pre"):
-        C.gelu_ffn_bwd(torch.randn_like(y), x, w1, w2, pre[:, :5], "none", 0.0, 0, 0, True, True)
+        C.gelu_ffn_bwd(torch.randn_like(y), x, w1, w2, pre[:, :5], "none", 0.0, None, 0, True, True)
     with pytest.raises(ValueError, match="dy"):
-        C.gelu_ffn_bwd(torch.randn(3, 5), x, w1, w2, pre, "none", 0.0, 0, 0, True, True)
+        C.gelu_ffn_bwd(torch.randn(3, 5), x, w1, w2, pre, "none", 0.0, None, 0, True, True)

@@ -81,8 +81,8 @@ def test_cpu_attention_limits_agree_with_C(dtype):
         python = _python_outcome(lambda: ff.attention(*_requiring_grad(q, k, v), backend="cpu").sum().backward())
 
         def native():
-            out, lse = fwd(q, k, v, None, None, 0.0, False, D ** -0.5, 0, 0)
-            bwd(torch.randn_like(out), q, k, v, out, lse, None, None, 0.0, False, D ** -0.5, 0, 0)
+            out, lse = fwd(q, k, v, None, None, 0.0, False, D ** -0.5, None, 0)
+            bwd(torch.randn_like(out), q, k, v, out, lse, None, None, 0.0, False, D ** -0.5, None, 0)
         _agree(case, python, _outcome(native))
 
 
@@ -100,8 +100,8 @@ def test_cpu_layer_norm_limits_agree_with_C(dtype):
         python = _python_outcome(lambda: norm(xg, N, wg, *bg, backend="cpu").sum().backward())
 
         def native():
-            y, h, mean, rstd = fwd(x, None, w, b, 1e-5, 0.0, 0, 0, rms)
-            bwd(torch.randn_like(y), None, x, w, mean, rstd, 0.0, 0, 0, rms, b is not None)
+            y, h, mean, rstd = fwd(x, None, w, b, 1e-5, 0.0, None, 0, rms)
+            bwd(torch.randn_like(y), None, x, w, mean, rstd, 0.0, None, 0, rms, b is not None)
         _agree(case, python, _outcome(native))
 
 
@@ -118,8 +118,8 @@ def test_cpu_gelu_ffn_limits_agree_with_C(dtype):
                                  .sum().backward())
 
         def native():
-            y, pre = fwd(x, w1, b1, w2, b2, "none", 0.0, 0, 0)
-            bwd(torch.randn_like(y), x, w1, w2, pre, "none", 0.0, 0, 0, True, True)
+            y, pre = fwd(x, w1, b1, w2, b2, "none", 0.0, None, 0)
+            bwd(torch.randn_like(y), x, w1, w2, pre, "none", 0.0, None, 0, True, True)
         _agree(case, python, _outcome(native))
 
 

@@ -89,9 +89,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_impl(const char* op, const Tens
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const OptTensor& attn_mask, const OptTensor& key_padding_mask,
-                                         double dropout_p, bool is_causal, double scale, int64_t seed,
+                                         double dropout_p, bool is_causal, double scale, const OptTensor& seed_t,
                                          int64_t offset) {
   constexpr const char* op = "fusedformer_C::attention_fwd: ";
+  const int64_t seed = seed_value(op, seed_t);
 #ifdef FF_WITH_CUDA
   if (q.defined() && q.is_cuda()) {
     return attention_fwd_impl(op, aligned_for_cuda(q), aligned_for_cuda(k), aligned_for_cuda(v), attn_mask,
@@ -104,9 +105,10 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const Tensor& out, const Tensor& lse,
                                                  const OptTensor& attn_mask, const OptTensor& key_padding_mask,
-                                                 double dropout_p, bool is_causal, double scale, int64_t seed,
-                                                 int64_t offset) {
+                                                 double dropout_p, bool is_causal, double scale,
+                                                 const OptTensor& seed_t, int64_t offset) {
   constexpr const char* op = "fusedformer_C::attention_bwd: ";
+  const int64_t seed = seed_value(op, seed_t);
 #ifdef FF_WITH_CUDA
   if (q.defined() && q.is_cuda()) {
     return attention_bwd_impl(op, aligned_for_cuda(dout), aligned_for_cuda(q), aligned_for_cuda(k),
@@ -147,9 +149,9 @@ TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
   m.def("attention_cuda_smem_bytes(int D, int Dv, bool backward, bool deterministic) -> int",
         &attention_cuda_smem_bytes);
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
-        "float dropout_p, bool is_causal, float scale, int seed, int offset) -> (Tensor, Tensor)");
+        "float dropout_p, bool is_causal, float scale, Tensor? seed, int offset) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
-        "Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, int seed, int offset) "
+        "Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, Tensor? seed, int offset) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #define FF_CHECK_ARG(cond, op, ...) TORCH_CHECK_VALUE(cond, op, ": ", __VA_ARGS__)
 
 namespace ff {
@@ -19,6 +21,17 @@ inline void check_input(const char* op, const char* name, const at::Tensor& t, c
   FF_CHECK_ARG(t.device() == ref.device(), op, name, " is on ", t.device(), " but expected ", ref.device());
   FF_CHECK_ARG(t.dim() == ndim, op, name, " must have ", ndim, " dims, got ", t.sizes());
   FF_CHECK_ARG(t.is_contiguous(), op, name, " must be contiguous");
+}
+
+// The dropout seed every op takes: the op-level seed tensor (one integer; fusedformer/ops/_common.py:
+// make_seed gives a (1,) int64 CPU tensor) or None without dropout (seed 0). The one conversion.
+inline int64_t seed_value(const char* op, const std::optional<at::Tensor>& seed) {
+  if (!seed.has_value() || !seed->defined()) return 0;
+  FF_CHECK_ARG(seed->numel() == 1 && !seed->is_floating_point() && !seed->is_complex() &&
+                   seed->scalar_type() != at::kBool,
+               op, "seed must be a tensor holding one integer, got ", seed->scalar_type(), " of shape ",
+               seed->sizes());
+  return seed->item<int64_t>();
 }
 
 }  // namespace ff

@@ -99,7 +99,7 @@ std::array<int64_t, 4> check_shapes(const char* op, const Tensor& x, const Tenso
 
 std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                                         const OptTensor& b2, const std::string& approximate, double dropout_p,
-                                        int64_t seed, int64_t offset) {
+                                        const OptTensor& seed, int64_t offset) {
   constexpr const char* op = "fusedformer_C::gelu_ffn_fwd: ";
   const auto [M, C, F, C2] = check_shapes(op, x, w1, w2);
   check_bias(op, "b1", b1, x, F);
@@ -116,7 +116,7 @@ std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const
   a.y = at::empty({M, C2}, x.options());
   a.pre = at::empty({M, F}, x.options());
   a.tanh = parse_approximate(op, approximate);
-  a.dropout = make_dropout(dropout_p, seed, offset);
+  a.dropout = make_dropout(dropout_p, seed_value(op, seed), offset);
   if (x.is_cuda()) {
 #ifdef FF_WITH_CUDA
     check_cuda_limits(op, x.scalar_type(), C, F, C2);
@@ -136,7 +136,7 @@ std::tuple<Tensor, Tensor> gelu_ffn_fwd(const Tensor& x, const Tensor& w1, const
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy, const Tensor& x, const Tensor& w1,
                                                                 const Tensor& w2, const Tensor& pre,
                                                                 const std::string& approximate, double dropout_p,
-                                                                int64_t seed, int64_t offset, bool has_b1,
+                                                                const OptTensor& seed, int64_t offset, bool has_b1,
                                                                 bool has_b2) {
   constexpr const char* op = "fusedformer_C::gelu_ffn_bwd: ";
   const auto [M, C, F, C2] = check_shapes(op, x, w1, w2);
@@ -157,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy
   a.db1 = has_b1 ? at::empty({F}, x.options()) : Tensor();
   a.db2 = has_b2 ? at::empty({C2}, x.options()) : Tensor();
   a.tanh = parse_approximate(op, approximate);
-  a.dropout = make_dropout(dropout_p, seed, offset);
+  a.dropout = make_dropout(dropout_p, seed_value(op, seed), offset);
   if (x.is_cuda()) {
 #ifdef FF_WITH_CUDA
     check_cuda_limits(op, x.scalar_type(), C, F, C2);
@@ -181,9 +181,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_ffn_bwd(const Tensor& dy
 TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
   m.def("gelu_ffn_cuda_limits(ScalarType dtype, int C, int F, int C2) -> ()", &gelu_ffn_cuda_limits);
   m.def("gelu_ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, float dropout_p, "
-        "int seed, int offset) -> (Tensor, Tensor)");
+        "Tensor? seed, int offset) -> (Tensor, Tensor)");
   m.def("gelu_ffn_bwd(Tensor dy, Tensor x, Tensor w1, Tensor w2, Tensor pre, str approximate, float dropout_p, "
-        "int seed, int offset, bool has_b1, bool has_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? seed, int offset, bool has_b1, bool has_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedformer_C, CPU, m) {

@@ -38,7 +38,7 @@ void check_dropout(const char* op, double p, int64_t offset) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const OptTensor& residual,
                                                           const OptTensor& weight, const OptTensor& bias,
-                                                          double eps, double dropout_p, int64_t seed,
+                                                          double eps, double dropout_p, const OptTensor& seed,
                                                           int64_t offset, bool rms) {
   constexpr const char* op = "fusedformer_C::layer_norm_fwd: ";
   FF_CHECK_ARG(x.dim() == 2 && x.is_contiguous(), op, "x must be a contiguous (M, N) tensor, got ", x.sizes());
@@ -74,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
   p.N = N;
   p.eps = static_cast<float>(eps);
   p.rms = rms;
-  p.dropout = make_dropout(dropout_p, seed, offset);
+  p.dropout = make_dropout(dropout_p, seed_value(op, seed), offset);
   p.dtype = x.scalar_type();
   p.wtype = weight.has_value() ? weight->scalar_type() : bias.has_value() ? bias->scalar_type() : x.scalar_type();
   if (x.is_cuda()) {
@@ -92,7 +92,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const OptTensor& dh_out,
                                                           const Tensor& h, const OptTensor& weight,
                                                           const Tensor& mean, const Tensor& rstd,
-                                                          double dropout_p, int64_t seed, int64_t offset,
+                                                          double dropout_p, const OptTensor& seed, int64_t offset,
                                                           bool rms, bool has_bias) {
   constexpr const char* op = "fusedformer_C::layer_norm_bwd: ";
   FF_CHECK_ARG(h.dim() == 2 && h.is_contiguous(), op, "h must be a contiguous (M, N) tensor, got ", h.sizes());
@@ -138,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, cons
   p.M = M;
   p.N = N;
   p.rms = rms;
-  p.dropout = make_dropout(dropout_p, seed, offset);
+  p.dropout = make_dropout(dropout_p, seed_value(op, seed), offset);
   p.dtype = h.scalar_type();
   p.wtype = wtype;
   if (h.is_cuda()) {
@@ -157,9 +157,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, cons
 
 TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, float dropout_p, "
-        "int seed, int offset, bool rms) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? seed, int offset, bool rms) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, "
-        "float dropout_p, int seed, int offset, bool rms, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float dropout_p, Tensor? seed, int offset, bool rms, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedformer_C, CPU, m) {

@@ -32,12 +32,8 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _seed_int(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.reshape(-1)[0])
-
-
 def _multiplier(shape, p: float, seed: Optional[Tensor], offset: int, device, dtype) -> Tensor:
-    return rng.dropout_multiplier(shape, p, _seed_int(seed), offset, device=device, dtype=dtype)
+    return rng.dropout_multiplier(shape, p, rng.seed_int(seed), offset, device=device, dtype=dtype)
 
 
 def _row_mean(h: Tensor) -> Tensor:

@@ -131,3 +131,11 @@ def new_seed() -> torch.Tensor:
 
     It stays a tensor so that ``torch.compile`` traces it without a graph break."""
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def seed_int(seed) -> int:
+    """The seed as the generator takes it: the op-level seed tensor (one integer, see
+    ``ops/_common.py: make_seed``) as a Python int, 0 for None (no dropout). The one Python-side
+    conversion (the reference and the Triton launchers); the C++ ops take the tensor
+    (``csrc/common/checks.h: seed_value``)."""
+    return 0 if seed is None else int(seed.reshape(-1)[0])

@@ -109,11 +109,6 @@ def make_seed(op: str, seed: SeedLike, dropout_p: float) -> Optional[Tensor]:
     raise InputTypeError(f"{op}: seed must be an int, an integer tensor or None, got {type(seed).__name__}")
 
 
-def seed_int(seed: Optional[Tensor]) -> int:
-    """The seed a native kernel takes by value (0 without dropout)."""
-    return 0 if seed is None else int(seed.reshape(-1)[0])
-
-
 # ------------------------------------------------------------------------------------------------
 # backend reasons, generated from the declared limits (ops/limits.py)
 # ------------------------------------------------------------------------------------------------

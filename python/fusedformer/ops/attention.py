@@ -37,16 +37,8 @@ OP = "attention"
 
 
 def _load_native():
-    fwd_op, bwd_op = common.native_op("attention_fwd"), common.native_op("attention_bwd")
-
-    def fwd(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset):
-        return fwd_op(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, common.seed_int(seed), offset)
-
-    def bwd(dout, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, offset):
-        return bwd_op(dout, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
-                      common.seed_int(seed), offset)
-
-    return fwd, bwd
+    # The C++ ops take the op-level arguments as they are, the seed tensor included.
+    return common.native_op("attention_fwd"), common.native_op("attention_bwd")
 
 
 def _load_triton():

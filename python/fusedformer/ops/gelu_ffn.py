@@ -24,15 +24,8 @@ APPROXIMATIONS = ("none", "tanh")
 
 
 def _load_native():
-    fwd_op, bwd_op = common.native_op("gelu_ffn_fwd"), common.native_op("gelu_ffn_bwd")
-
-    def fwd(x, w1, b1, w2, b2, approximate, dropout_p, seed, offset):
-        return fwd_op(x, w1, b1, w2, b2, approximate, dropout_p, common.seed_int(seed), offset)
-
-    def bwd(dy, x, w1, w2, pre, approximate, dropout_p, seed, offset, has_b1, has_b2):
-        return bwd_op(dy, x, w1, w2, pre, approximate, dropout_p, common.seed_int(seed), offset, has_b1, has_b2)
-
-    return fwd, bwd
+    # The C++ ops take the op-level arguments as they are, the seed tensor included.
+    return common.native_op("gelu_ffn_fwd"), common.native_op("gelu_ffn_bwd")
 
 
 def _load_triton():

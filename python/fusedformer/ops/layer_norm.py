@@ -29,15 +29,8 @@ OP = "layer_norm"
 # backends
 # ------------------------------------------------------------------------------------------------
 def _load_native():
-    fwd_op, bwd_op = common.native_op("layer_norm_fwd"), common.native_op("layer_norm_bwd")
-
-    def fwd(x, residual, weight, bias, eps, dropout_p, seed, offset, rms):
-        return fwd_op(x, residual, weight, bias, eps, dropout_p, common.seed_int(seed), offset, rms)
-
-    def bwd(dy, dh, h, weight, mean, rstd, dropout_p, seed, offset, rms, has_bias):
-        return bwd_op(dy, dh, h, weight, mean, rstd, dropout_p, common.seed_int(seed), offset, rms, has_bias)
-
-    return fwd, bwd
+    # The C++ ops take the op-level arguments as they are, the seed tensor included.
+    return common.native_op("layer_norm_fwd"), common.native_op("layer_norm_bwd")
 
 
 def _load_triton():
