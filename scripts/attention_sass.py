@@ -16,7 +16,7 @@ without the general fallback. The kernels nvcc builds into fusedformer._C (``--b
 path per tile at run time (``TilePath::kAuto``) and hold every path. Static counts are compiler
 facts, not speed: a loop's instructions are counted once however often a path runs them.
 
-    python3 scripts/attention_sass.py [--arch sm_90] [--dtype half] [--markdown]
+    python3 scripts/attention_sass.py [--arch sm_90] [--dtype __half|__nv_bfloat16] [--built] [--markdown]
 """
 from __future__ import annotations
 
