@@ -50,7 +50,9 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(backends, "_status_cache", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    return props
+    attention_module._shared_memory_reasons.cache_clear()  # cached per process, keyed by the device index
+    yield props
+    attention_module._shared_memory_reasons.cache_clear()
 
 
 def _inputs(d, needs_grad):
@@ -68,6 +70,7 @@ def test_cuda_reasons_follow_the_device_limit(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert "deterministic backward" in " ".join(reasons(_inputs(128, needs_grad=True)))
     fake_gpu.shared_memory_per_block_optin = SM90_OPTIN
+    attention_module._shared_memory_reasons.cache_clear()  # another device
     assert reasons(_inputs(256, needs_grad=True)) == []
     assert reasons({**_inputs(256, needs_grad=True), "device": torch.device("cpu")}) == []
 
@@ -83,3 +86,4 @@ def test_the_reason_is_in_the_cuda_table(fake_gpu):
         assert impl.reasons(inputs) == declared
         pytest.skip("the cuda backend's declared reasons apply first here: " + "; ".join(declared))
     assert any("shared memory" in w for w in impl.reasons(inputs)), impl.reasons(inputs)
+

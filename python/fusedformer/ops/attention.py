@@ -22,6 +22,7 @@ Masks are constants: they receive no gradient (a mask that requires grad is refu
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -60,17 +61,24 @@ def cuda_shared_memory_reasons(inputs: dict) -> list[str]:
     device = inputs["device"]
     if inputs.get("probe") or device.type != "cuda" or not torch.cuda.is_available():
         return []
-    D, Dv = inputs["head_dim"], inputs["head_dim_v"]
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return list(_shared_memory_reasons(index, int(inputs["head_dim"]), int(inputs["head_dim_v"]),
+                                       bool(inputs.get("needs_grad")), torch.are_deterministic_algorithms_enabled()))
+
+
+@backends._constant  # under torch.compile: called at trace time, its result a constant (not traced)
+@functools.lru_cache(maxsize=None)
+def _shared_memory_reasons(device_index: int, D: int, Dv: int, needs_grad: bool,
+                           deterministic: bool) -> tuple[str, ...]:
+    limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
     why = []
-    for backward in (False, True) if inputs.get("needs_grad") else (False,):
+    for backward in (False, True) if needs_grad else (False,):
         need = torch.ops.fusedformer_C.attention_cuda_smem_bytes(D, Dv, backward, deterministic)
         if need > limit:
             what = ("deterministic backward" if deterministic else "backward") if backward else "forward"
             why.append(f"head dims ({D}, {Dv}): the cuda {what} needs {need} bytes of shared memory per block; "
                        f"this GPU allows {limit}")
-    return why
+    return tuple(why)
 
 
 if "cuda" in TABLE:
