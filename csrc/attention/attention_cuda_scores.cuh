@@ -121,8 +121,8 @@ __device__ __forceinline__ bool plain_tile(bool nothing_hidden) {
 // odd lane row i1's, and they swap halves: one Philox call per 4 scores instead of 2.
 __device__ __forceinline__ void dropout_row_pairs(const DropoutParams& d, uint64_t base0, uint64_t base1, int j,
                                                   int t, bool shared, bool (&keep)[4]) {
-  uint32_t w[4];
   if (shared) {
+    uint32_t w[4];
     const bool odd = t & 1;
     const Philox4 blk = philox_block(d, (odd ? base1 : base0) + static_cast<uint64_t>(j & ~3));
     const uint32_t own0 = odd ? blk.w[2] : blk.w[0], own1 = odd ? blk.w[3] : blk.w[1];
@@ -132,18 +132,15 @@ __device__ __forceinline__ void dropout_row_pairs(const DropoutParams& d, uint64
     w[1] = odd ? got1 : own1;
     w[2] = odd ? own0 : got0;
     w[3] = odd ? own1 : got1;
-  } else {
-    const uint64_t n[2] = {base0 + j, base1 + j};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const uint32_t k = static_cast<uint32_t>((d.offset + n[r]) & 3);
-      const Philox4 blk = philox_block(d, n[r]);
-      w[2 * r] = philox_word(blk, k);
-      w[2 * r + 1] = k == 3 ? philox_block(d, n[r] + 1).w[0] : philox_word(blk, k + 1);
-    }
+    for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
+  } else {  // philox.h's own pair draw (z = 0 exactly where dropped; 1 / (1 - p) > 0 otherwise)
+    float z[4];
+    dropout_pair(d, base0 + j, z[0], z[1]);
+    dropout_pair(d, base1 + j, z[2], z[3]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) keep[e] = z[e] != 0.f;
   }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
 }
 
 // Column layout (dK / dV kernel, S^T): this lane's scores (i + (e & 1), key + 8 (e >> 1)) into
@@ -154,8 +151,8 @@ __device__ __forceinline__ void dropout_row_pairs(const DropoutParams& d, uint64
 // Philox call per 4 scores instead of 4.
 __device__ __forceinline__ void dropout_col_quad(const DropoutParams& d, uint64_t base, int64_t rowlen, int i,
                                                  int key, int lane, bool shared, bool (&keep)[4]) {
-  uint32_t w[4];
   if (shared) {
+    uint32_t w[4];
     const uint32_t c = (lane >> 2) & 3;
     const int qi = i + static_cast<int>(c & 1), kj = key - static_cast<int>(c) + 8 * static_cast<int>(c >> 1);
     const Philox4 blk = philox_block(d, base + static_cast<uint64_t>(qi) * rowlen + kj);
@@ -168,15 +165,15 @@ __device__ __forceinline__ void dropout_col_quad(const DropoutParams& d, uint64_
       const uint32_t k = c ^ e;
       w[e] = k == 0 ? got[0] : k == 1 ? got[1] : k == 2 ? got[2] : got[3];
     }
-  } else {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
+  } else {  // philox.h's own per-element draw
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const uint64_t n = base + static_cast<uint64_t>(i + (e & 1)) * rowlen + key + 8 * (e >> 1);
-      w[e] = philox_word(philox_block(d, n), static_cast<uint32_t>((d.offset + n) & 3));
+      keep[e] = dropout_multiplier(d, n) != 0.f;
     }
   }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
 }
 
 __device__ __forceinline__ bool shared_draws(const Problem& pb) {
