@@ -61,6 +61,21 @@ def test_auto_follows_the_cpu_flags():
         assert "measured" in why_attn or "MKL" in why_attn, why_attn
 
 
+
+def test_attention_tile_measurement_runs_here():
+    """The measurement behind attention's automatic choice runs only where the CPU has the bf16
+    instructions; here it runs on any CPU (in a child process: a crash in it, such as the Fortran
+    thread-setting call once made with an int, must fail this test, not the session), gives a
+    positive finite gain, and leaves torch's thread count as it was."""
+    code = ("import math, torch, fusedformer._C\n"
+            "n = torch.get_num_threads()\n"
+            "gains = [torch.ops.fusedformer_C.cpu_bf16_attention_tile_gain() for _ in range(2)]\n"
+            "assert all(math.isfinite(g) and g > 0 for g in gains), gains\n"
+            "assert torch.get_num_threads() == n\n"
+            "print('ok', *gains)\n")
+    done = _python(code, "auto")
+    assert done.returncode == 0 and done.stdout.startswith("ok"), (done.returncode, done.stderr[-2000:])
+
 def test_override_switches_the_kernels():
     """Forced on and off give different bits for bfloat16 (a different GEMM chain) and the same bits
     for float32 (which the override does not touch)."""

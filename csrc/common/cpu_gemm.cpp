@@ -4,6 +4,8 @@
 //   fusedformer_C::cpu_bf16_gemm_mode(str mode) -> str          "" reads; auto / on / off sets;
 //                                                               returns the mode before the call
 //   fusedformer_C::cpu_bf16_gemm_path(str op) -> (bool, str)    op: gelu_ffn or attention
+//   fusedformer_C::cpu_bf16_attention_tile_gain() -> float      the measurement behind attention's
+//                                                               choice: MKL sgemm time / bf16 time
 #include "common/cpu_gemm.h"
 
 #include <ATen/ATen.h>
@@ -27,7 +29,9 @@ extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
-extern "C" int mkl_set_num_threads_local(int nt) __attribute__((weak));
+// The C interface of the thread setting. The lower-case mkl_set_num_threads_local is its Fortran
+// twin, which takes the count by pointer (called with an int, it dereferences the count).
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 
 namespace ff::cpu {
 namespace {
@@ -146,7 +150,7 @@ std::pair<double, double> measure_attention_tiles() {
   std::vector<c10::BFloat16> qb(qf.begin(), qf.end()), kb(kf.begin(), kf.end()), vb(vf.begin(), vf.end()),
       pb(s.size());
   // One MKL thread on this thread, as inside the kernel's parallel region.
-  const int previous_threads = mkl_set_num_threads_local ? mkl_set_num_threads_local(1) : 0;
+  const int previous_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
   const double t_bf16 = best_seconds([&] {
     gemm_bf16_f32(false, true, BQ, BK, D, 1.f, qb.data(), D, kb.data(), D, 0.f, s.data(), BK);
     gemm_bf16_f32(false, false, BQ, D, BK, 1.f, pb.data(), BK, vb.data(), D, 0.f, o.data(), D);
@@ -155,7 +159,7 @@ std::pair<double, double> measure_attention_tiles() {
     sgemm_rowmajor(true, BQ, BK, D, qf.data(), D, kf.data(), D, s.data(), BK);
     sgemm_rowmajor(false, BQ, D, BK, s.data(), BK, vf.data(), D, o.data(), D);
   });
-  if (mkl_set_num_threads_local) mkl_set_num_threads_local(previous_threads);  // 0: back to the global setting
+  if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_threads);  // 0: back to the global setting
   return {t_bf16, t_f32};
 }
 
@@ -278,6 +282,15 @@ std::string cpu_bf16_gemm_mode_op(const std::string& mode) {
   return mode_name(set_bf16_gemm_mode(parse_mode(mode, "cpu_bf16_gemm_mode")));
 }
 
+// The attention measurement itself, on any CPU (the automatic choice makes it only where the CPU
+// has the instructions): so that every machine's tests run it.
+double cpu_bf16_attention_tile_gain_op() {
+  TORCH_CHECK(has_mkl_bf16_gemm() && sgemm_ != nullptr,
+              "cpu_bf16_attention_tile_gain: this torch links no MKL bfloat16 GEMM or sgemm");
+  const auto [t_bf16, t_f32] = measure_attention_tiles();
+  return t_f32 / t_bf16;
+}
+
 std::tuple<bool, std::string> cpu_bf16_gemm_path_op(const std::string& op) {
   const Bf16GemmPath p = bf16_gemm_path(parse_op(op));
   return {p.bf16, p.reason};
@@ -289,4 +302,5 @@ std::tuple<bool, std::string> cpu_bf16_gemm_path_op(const std::string& op) {
 TORCH_LIBRARY_FRAGMENT(fusedformer_C, m) {
   m.def("cpu_bf16_gemm_mode(str mode) -> str", &ff::cpu::cpu_bf16_gemm_mode_op);
   m.def("cpu_bf16_gemm_path(str op) -> (bool, str)", &ff::cpu::cpu_bf16_gemm_path_op);
+  m.def("cpu_bf16_attention_tile_gain() -> float", &ff::cpu::cpu_bf16_attention_tile_gain_op);
 }
