@@ -27,17 +27,26 @@ def _skip_if_slow_here(backend, M, C, F_, C2):
         pytest.skip(INTERPRETER_SKIP)
 
 
-def _inputs(shape_x, C, F_, C2, *, biases=True, gen_seed=0, noncontig=False):
+def _transposed_storage(t):
+    """The same values with the storage of its transpose (as HF's Conv1D weight, seen as (out, in))."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _inputs(shape_x, C, F_, C2, *, biases=True, gen_seed=0, noncontig=False, conv1d_weights=False):
     """float64 masters: x (..., C) with entries ~N(0, 2^2) so the GELU sees both tails."""
     g = torch.Generator().manual_seed(gen_seed)
     x = torch.randn(*shape_x, C, generator=g, dtype=torch.float64) * 2
     if noncontig:  # same values, transposed storage
-        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        x = _transposed_storage(x)
+    w1 = torch.randn(F_, C, generator=g, dtype=torch.float64) / math.sqrt(C)
+    w2 = torch.randn(C2, F_, generator=g, dtype=torch.float64) / math.sqrt(F_)
+    if conv1d_weights:
+        w1, w2 = _transposed_storage(w1), _transposed_storage(w2)
     return {
         "x": x,
-        "w1": torch.randn(F_, C, generator=g, dtype=torch.float64) / math.sqrt(C),
+        "w1": w1,
         "b1": torch.randn(F_, generator=g, dtype=torch.float64) if biases else None,
-        "w2": torch.randn(C2, F_, generator=g, dtype=torch.float64) / math.sqrt(F_),
+        "w2": w2,
         "b2": torch.randn(C2, generator=g, dtype=torch.float64) if biases else None,
     }
 
@@ -109,6 +118,51 @@ def test_biases_dropout_and_layout(backend, dtype, biases, dropout_p):
     inputs = _inputs(lead, C, F_, C2, biases=biases, gen_seed=7, noncontig=True)
     fn = _ffn_fn("tanh", dropout_p, seed=2**35 + 3, offset=77)
     check_against_reference("gelu_ffn", fn, inputs, backend, dtype, device, _grads(biases))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transposed_weights(backend, dtype):
+    """Weights stored transposed (HF Conv1D's (in, out), seen as (out, in)), with dropout: every
+    backend within the 2x rule."""
+    device = skip_unless_available(op_module, backend)
+    lead, C, F_, C2 = (3, 29), 40, 136, 24
+    _skip_if_slow_here(backend, 3 * 29, C, F_, C2)
+    inputs = _inputs(lead, C, F_, C2, gen_seed=11, conv1d_weights=True)
+    assert not inputs["w1"].is_contiguous() and inputs["w1"].t().is_contiguous()
+    fn = _ffn_fn("tanh", 0.1, seed=5, offset=3)
+    check_against_reference("gelu_ffn", fn, inputs, backend, dtype, device, _grads(True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_reads_transposed_weights_in_place(dtype, monkeypatch):
+    """The cpu backend hands transposed weights to its GEMMs as they are: no copy of a weight is
+    made on the way in (the op's input is the caller's storage), the weight gradients come back in
+    the weights' layout, and the values equal those of the same weights stored row-major."""
+    skip_unless_available(op_module, "cpu")
+    t = _inputs((2, 17), 32, 96, 24, gen_seed=3, conv1d_weights=True)
+    x, b1, b2 = (t[k].to(dtype) for k in ("x", "b1", "b2"))
+    w1, w2 = (t[k].to(dtype).requires_grad_() for k in ("w1", "w2"))
+    seen, real = [], op_module.OPS
+
+    def spy(*args):  # what gelu_ffn hands the op
+        seen.extend(a for a in args if isinstance(a, torch.Tensor))
+        return real(*args)
+
+    monkeypatch.setattr(op_module, "OPS", spy)
+    y = ff.gelu_ffn(x, w1, b1, w2, b2, "tanh", backend="cpu")
+    monkeypatch.undo()
+    assert any(a.data_ptr() == w1.data_ptr() and a.stride() == w1.stride() for a in seen), "w1 was copied"
+    assert any(a.data_ptr() == w2.data_ptr() and a.stride() == w2.stride() for a in seen), "w2 was copied"
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dw1, dw2 = torch.autograd.grad(y, (w1, w2), up)
+    assert dw1.stride() == w1.stride() and dw2.stride() == w2.stride()
+    w1r, w2r = (w.detach().contiguous().requires_grad_() for w in (w1, w2))
+    yr = ff.gelu_ffn(x, w1r, b1, w2r, b2, "tanh", backend="cpu")
+    dw1r, dw2r = torch.autograd.grad(yr, (w1r, w2r), up)
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(y, yr, **tol)  # the same GEMMs on a different layout: rounding may differ
+    torch.testing.assert_close(dw1, dw1r, **tol)
+    torch.testing.assert_close(dw2, dw2r, **tol)
 
 
 def test_dropout_mask_is_the_shared_rng(backend):
@@ -229,6 +283,10 @@ def test_native_op_checks_its_arguments():
         C.gelu_ffn_fwd(x, w1, b1, w2.double(), b2, "none", 0.0, None, 0)
     with pytest.raises(ValueError, match="contiguous"):
         C.gelu_ffn_fwd(x.t().contiguous().t(), w1, b1, w2, b2, "none", 0.0, None, 0)
+    # on the CPU a weight may be the transpose of a contiguous matrix, but no other layout
+    C.gelu_ffn_fwd(x, w1.t().contiguous().t(), b1, w2.t().contiguous().t(), b2, "none", 0.0, None, 0)
+    with pytest.raises(ValueError, match="w1 must be a contiguous .* or the transpose of one"):
+        C.gelu_ffn_fwd(x, torch.cat([w1, w1], 1)[:, ::2], b1, w2, b2, "none", 0.0, None, 0)
     with pytest.raises(ValueError, match="approximate"):
         C.gelu_ffn_fwd(x, w1, b1, w2, b2, "erf", 0.0, None, 0)
     with pytest.raises(ValueError, match="dropout_p"):

@@ -21,14 +21,20 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// A contiguous matrix of the given shape, on x's device, of x's dtype.
-void check_matrix(const char* op, const char* name, const Tensor& t, const Tensor& x, int64_t rows, int64_t cols) {
+// A contiguous matrix of the given shape, on x's device, of x's dtype. With `transposed_ok`, the
+// transpose of a contiguous matrix is taken too: the CPU kernels hand the weights to torch's GEMMs,
+// which read either layout at the same cost (HF's Conv1D stores its weight as (in, out), so a
+// GPT-2 MLP's weights arrive as such transposes; a copy of each would cost more than the GELU).
+void check_matrix(const char* op, const char* name, const Tensor& t, const Tensor& x, int64_t rows, int64_t cols,
+                  bool transposed_ok = false) {
   FF_CHECK_ARG(t.defined(), op, name, " is undefined");
   FF_CHECK_ARG(t.device() == x.device(), op, name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, name, " has dtype ", t.scalar_type(), ", expected ",
                    x.scalar_type(), " (x's dtype)");
-  FF_CHECK_ARG(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous(), op, name,
-               " must be a contiguous (", rows, ", ", cols, ") tensor, got ", t.sizes());
+  const bool dense = t.dim() == 2 && (t.is_contiguous() || (transposed_ok && t.t().is_contiguous()));
+  FF_CHECK_ARG(dense && t.size(0) == rows && t.size(1) == cols, op, name, " must be a contiguous (", rows, ", ", cols,
+               ") tensor", transposed_ok ? " or the transpose of one" : "", ", got sizes ", t.sizes(), " strides ",
+               t.strides());
 }
 
 void check_bias(const char* op, const char* name, const OptTensor& b, const Tensor& x, int64_t n) {
@@ -92,8 +98,8 @@ std::array<int64_t, 4> check_shapes(const char* op, const Tensor& x, const Tenso
   FF_CHECK_ARG(w1.defined() && w1.dim() == 2 && w2.defined() && w2.dim() == 2, op, "w1 and w2 must be matrices");
   const int64_t F = w1.size(0), C2 = w2.size(0);
   FF_CHECK_ARG(F > 0 && C2 > 0, op, "w1 / w2 are empty");
-  check_matrix(op, "w1", w1, x, F, C);
-  check_matrix(op, "w2", w2, x, C2, F);
+  check_matrix(op, "w1", w1, x, F, C, /*transposed_ok=*/x.is_cpu());
+  check_matrix(op, "w2", w2, x, C2, F, /*transposed_ok=*/x.is_cpu());
   return {M, C, F, C2};
 }
 

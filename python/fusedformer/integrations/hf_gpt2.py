@@ -10,8 +10,9 @@ One converted block (pre-LN, causal)::
     y = s + gelu_ffn(h, c_fc.weight.T, c_fc.bias, mlp.c_proj.weight.T, mlp.c_proj.bias, 'tanh', dropout_p=resid_pdrop)
 
 ``Conv1D`` stores its weight as (in, out); ``gelu_ffn`` takes the ``nn.Linear`` layout (out, in), so
-the two feed-forward weights are transposed (one copy each) per call. The submodules, parameters
-and ``state_dict`` keys are GPT-2's own: only the block's class changes.
+the two feed-forward weights are passed transposed: the cpu backend reads them as they are (torch's
+GEMMs take either layout), the other backends copy each to the (out, in) layout per call. The
+submodules, parameters and ``state_dict`` keys are GPT-2's own: only the block's class changes.
 
 Causality follows the model's attention implementation exactly (the model's mask; for "sdpa" and
 "fusedformer" without a mask, SDPA's ``is_causal`` rule). Left untouched (reported): blocks with

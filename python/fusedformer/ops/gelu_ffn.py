@@ -89,6 +89,17 @@ def _backward(ctx, dy, _dpre):
 OPS = common.FusedOp(OP, TABLE, gelu_ffn_fwd, gelu_ffn_bwd, _setup_context, _backward)
 
 
+def _weight(w: Tensor, backend: str) -> Tensor:
+    """A weight as ``backend`` takes it. The cpu backend's GEMMs are torch's, which read a weight in
+    either dense layout at the same cost, so the transpose of a contiguous matrix (HF's ``Conv1D``
+    weight, (in, out), seen as (out, in)) is passed as it is: copying it to the (out, in) layout
+    would cost more than the GELU (its gradient comes back in the same layout). The other
+    backends' kernels read the row-major (out, in) layout."""
+    if backend == "cpu" and w.dim() == 2 and not w.is_contiguous() and w.t().is_contiguous():
+        return w
+    return w.contiguous()
+
+
 def gelu_ffn(
     input: Tensor,
     w1: Tensor,
@@ -135,5 +146,5 @@ def gelu_ffn(
     name = backends.resolve(OP, TABLE, backend, inputs, x.device)
     if common.any_empty(x2, w1, w2):
         name = "reference"  # nothing to compute: torch's empty (or zero-sum) results and gradients
-    y, _ = OPS(x2, w1.contiguous(), b1, w2.contiguous(), b2, approximate, dropout_p, seed_t, offset, name)
+    y, _ = OPS(x2, _weight(w1, name), b1, _weight(w2, name), b2, approximate, dropout_p, seed_t, offset, name)
     return y.reshape(*x.shape[:-1], w2.shape[0])
