@@ -145,6 +145,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         budget = dataclasses.replace(budget, seconds=args.seconds, max_samples=max(budget.max_samples, 200),
                                      slow_seconds=max(budget.slow_seconds, 3 * args.seconds))
     out_dir = results_dir(args.results)
+    no_plots = None if args.no_save else plot.unavailable()
+    if no_plots:
+        log(f"note: no plots this run: {no_plots}; the tables and CSV rows are written as usual")
     log(f"fusedformer-bench --{args.size} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
         f"CUDA {env['cuda']}, git {env['git_sha']})")
 
@@ -179,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for sweep in dict.fromkeys(r["sweep"] for r in rows):
                 path = out_dir / f"{op}-{sweep}-{device.type}.png"
                 title = f"{op} / {sweep} on {env['device']} — {env['date']}, git {env['git_sha']}"
-                if plot.plot_sweep([r for r in rows if r["sweep"] == sweep], path, title):
+                if no_plots is None and plot.plot_sweep([r for r in rows if r["sweep"] == sweep], path, title):
                     log(f"  wrote {path}")
     if not args.no_save:
         results.append_csv(out_dir / "ceilings.csv", all_rows[0])

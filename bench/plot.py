@@ -6,8 +6,16 @@ absent from the plot and listed with their reason in the console table and the C
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+
+
+def unavailable() -> Optional[str]:
+    """Why no plot can be drawn here (matplotlib, from the ``bench`` extra, is not installed), or None."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed (pip install 'fusedformer[bench]')"
+    return None
 
 
 def plot_sweep(rows: Sequence[dict], path: Path, title: str) -> bool:
