@@ -71,7 +71,8 @@ __attribute__((always_inline)) inline float with_sign_of(float ax, float s) {
 
 // erf(x) = 1 - t (a1 + t (a2 + ...)) exp(-x^2), t = 1 / (1 + p |x|), sign restored
 // (Abramowitz & Stegun 7.1.26; absolute error <= 1.5e-7).
-__attribute__((always_inline)) inline float erf_f32(float x) {
+// erf(x) given e = exp(-x^2): the backward has that exponential anyway (the normal density).
+__attribute__((always_inline)) inline float erf_given_exp(float x, float e) {
   const float ax = abs_f32(x);
   const float t = 1.f / (1.f + 0.3275911f * ax);
   float poly = 1.061405429f;
@@ -79,8 +80,10 @@ __attribute__((always_inline)) inline float erf_f32(float x) {
   poly = poly * t + 1.421413741f;
   poly = poly * t - 0.284496736f;
   poly = poly * t + 0.254829592f;
-  return with_sign_of(1.f - poly * t * exp_f32(-ax * ax), x);
+  return with_sign_of(1.f - poly * t * e, x);
 }
+
+__attribute__((always_inline)) inline float erf_f32(float x) { return erf_given_exp(x, exp_f32(-x * x)); }
 
 // tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2 |z|) in (0, 1].
 __attribute__((always_inline)) inline float tanh_f32(float z) {
@@ -125,10 +128,11 @@ FF_CPU_CLONES void gelu_bwd_row(const float* u, float* d, float* g, int64_t n, b
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float x = u[j];
-      const float cdf = 0.5f * (1.f + erf_f32(x * kInvSqrt2));
+      const float x = u[j], z = x * kInvSqrt2;
+      const float e = exp_f32(-z * z);  // exp(-x^2 / 2): in erf(z) and in the density
+      const float cdf = 0.5f * (1.f + erf_given_exp(z, e));
       g[j] = x * cdf;
-      d[j] *= cdf + x * exp_f32(-0.5f * x * x) * kInvSqrt2Pi;
+      d[j] *= cdf + x * e * kInvSqrt2Pi;
     }
   }
 }
@@ -386,19 +390,23 @@ void backward_bf16(const BwdArgs& a) {
     const BF16* pre_p = a.pre.data_ptr<BF16>() + r0 * F;
     BF16* dg_p = dg_b.data_ptr<BF16>();
     BF16* g_p = g_b.data_ptr<BF16>();
-    at::parallel_for(0, F, column_grain(F), [&](int64_t f0, int64_t f1) {
-      const int64_t n = f1 - f0;
-      std::vector<float> u(n), d(n), gv(n);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t at = i * F + f0;
-        bf16_to_f32(pre_p + at, u.data(), n);
-        bf16_to_f32(dg_p + at, d.data(), n);
-        gelu_bwd_row(u.data(), d.data(), gv.data(), n, a.tanh);
-        if (!db1.empty()) accumulate_row(db1.data() + f0, d.data(), n);
-        f32_to_bf16(d.data(), dg_p + at, n);
-        f32_to_bf16(gv.data(), g_p + at, n);
+    // Rows over threads: each thread streams whole rows, and sums its rows' dpre into its own db1
+    // row, added up in thread order below (column ranges per thread cost 1.3x here, 4096 x 1536).
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    std::vector<float> db1_part(db1.empty() ? 0 : threads * F, 0.f);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
+      std::vector<float> u(F), d(F), gv(F);
+      float* acc = db1.empty() ? nullptr : db1_part.data() + at::get_thread_num() * F;
+      for (int64_t i = i0; i < i1; ++i) {
+        bf16_to_f32(pre_p + i * F, u.data(), F);
+        bf16_to_f32(dg_p + i * F, d.data(), F);
+        gelu_bwd_row(u.data(), d.data(), gv.data(), F, a.tanh);
+        if (acc) accumulate_row(acc, d.data(), F);
+        f32_to_bf16(d.data(), dg_p + i * F, F);
+        f32_to_bf16(gv.data(), g_p + i * F, F);
       }
     });
+    for (int64_t t = 0; t < (db1.empty() ? 0 : threads); ++t) accumulate_row(db1.data(), db1_part.data() + t * F, F);
 
     // dw2 += dz^T g, dw1 += dpre^T x (one rounding per row block), dx = dpre w1.
     const at::Tensor x_b = a.x.narrow(0, r0, rows);
