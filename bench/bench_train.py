@@ -19,9 +19,10 @@ starting from the same randomly initialized Hugging Face model (no weights are d
 Check before timing: the loss of one evaluation batch (dropout off), held to the 2x rule against
 the same model in float64 (hf-eager), with hf-eager in the benchmark dtype as the base.
 
---quick keeps the layers' shapes (width 768, 12 heads, FFN 3072) but builds 2 layers and an 8192-token
-vocabulary on 2 x 128 tokens; --full builds the real models (12 layers, real vocabularies) on 32 x 512
-(BERT) and 16 x 1024 (GPT-2) tokens. Peak memory is measured on a GPU only (on a CPU it would cost one
+--quick runs all-MiniLM-L6-v2's shape whole (6 layers, width 384, its vocabulary) on 16 x 128 tokens,
+and keeps BERT-base's and GPT-2's layer shapes (width 768, 12 heads, FFN 3072) but builds 2 layers
+and an 8192-token vocabulary on 2 x 128 tokens; --full builds the real models (12 layers, real
+vocabularies) on 32 x 512 (BERT) and 16 x 1024 (GPT-2) tokens, and MiniLM on 64 x 128. Peak memory is measured on a GPU only (on a CPU it would cost one
 more profiled step per provider, and AdamW's temporaries dominate it there).
 """
 from __future__ import annotations
@@ -39,22 +40,32 @@ from . import checks, driver, suite, timing
 OP = "train"
 
 
+#: BERT-style models (masked LM on padded batches): their widths. MiniLM is all-MiniLM-L6-v2's shape
+#: (hidden 384, 12 heads of 32, FFN 1536; 6 layers), the encoder CPU users fine-tune.
+BERT_SHAPES = {
+    "bert-base": {},
+    "minilm": {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536},
+}
+
+
 def _configs(size: str) -> list[dict]:
     if size == "quick":
-        return [{"model": "bert-base", "layers": 2, "vocab": 8192, "B": 2, "S": 128},
+        return [{"model": "minilm", "layers": 6, "vocab": 30522, "B": 16, "S": 128},
+                {"model": "bert-base", "layers": 2, "vocab": 8192, "B": 2, "S": 128},
                 {"model": "gpt2-small", "layers": 2, "vocab": 8192, "B": 2, "S": 128}]
-    return [{"model": "bert-base", "layers": 12, "vocab": 30522, "B": 32, "S": 512},
+    return [{"model": "minilm", "layers": 6, "vocab": 30522, "B": 64, "S": 128},
+            {"model": "bert-base", "layers": 12, "vocab": 30522, "B": 32, "S": 512},
             {"model": "gpt2-small", "layers": 12, "vocab": 50257, "B": 16, "S": 1024}]
 
 
 def _build(cfg: dict, attn: str):
     """A freshly initialized model (seed 0, so every provider starts from the same weights)."""
     torch.manual_seed(0)
-    if cfg["model"] == "bert-base":
+    if cfg["model"] in BERT_SHAPES:
         from transformers import BertConfig, BertForMaskedLM
 
         config = BertConfig(vocab_size=cfg["vocab"], num_hidden_layers=cfg["layers"],
-                            max_position_embeddings=max(512, cfg["S"]))
+                            max_position_embeddings=max(512, cfg["S"]), **BERT_SHAPES[cfg["model"]])
         config._attn_implementation = attn
         return BertForMaskedLM(config)
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -71,7 +82,7 @@ def _batch(cfg: dict, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
     B, S, V = cfg["B"], cfg["S"], cfg["vocab"]
     ids = torch.randint(0, V, (B, S), generator=gen)
-    if cfg["model"] != "bert-base":
+    if cfg["model"] not in BERT_SHAPES:
         return {"input_ids": ids.to(device), "labels": ids.to(device)}
     lengths = torch.randint(S // 2, S + 1, (B,), generator=gen)
     real = torch.arange(S)[None, :] < lengths[:, None]
