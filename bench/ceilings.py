@@ -1,12 +1,18 @@
 """Ceilings measured on the machine at hand, in the same run: a large device copy (GB/s) and a
 large matmul per dtype (TFLOP/s). Every throughput's percentage of the ceiling comes from these
-measurements (they are written to ``ceilings.csv`` beside the rows); no datasheet figure is used."""
+measurements (they are written to ``ceilings.csv`` beside the rows); no datasheet figure is used.
+
+The matmul ceiling is the package's (``fusedformer.measure.matmul_ceiling``: its size, operands
+and FLOP count), the one the training driver's MFU divides by too; here it is timed with the
+suite's own loop (:func:`timing.time_providers`, the fast end p20)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from fusedformer.measure import MATMUL_CEILING_N, matmul_ceiling
 
 from .suite import DTYPE_NAMES
 from .timing import Timing, TimingBudget, time_providers
@@ -18,28 +24,26 @@ class Ceilings:
     notes: str = ""
 
 
+def _p20_seconds(fn, device: torch.device, budget: TimingBudget) -> float:
+    """The fast end of ``fn``'s time through the suite's timing loop; raises what ``fn`` raised."""
+    t = time_providers({"fn": fn}, device, budget)["fn"]
+    if isinstance(t, BaseException):
+        raise t
+    return t.p20_ms * 1e-3
+
+
 def measure_ceilings(device: torch.device, dtypes: Sequence[torch.dtype], budget: TimingBudget) -> Ceilings:
-    if device.type == "cuda":
-        copy_bytes, n = 2**30, 8192
-    else:  # past the last-level cache, and short enough for --quick
-        copy_bytes, n = 256 * 2**20, 2048
+    # The ceiling is the best a kernel can do: take the fast end of the distribution (p20).
+    copy_bytes = 2**30 if device.type == "cuda" else 256 * 2**20  # CPU: past the last-level cache
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    fns = {"copy": lambda: dst.copy_(src)}
-    mats = {}
+    copy_s = _p20_seconds(lambda: dst.copy_(src), device, budget)
+    del src, dst
+    n = MATMUL_CEILING_N[device.type]
+    ceil = Ceilings(copy_gbps=2 * copy_bytes / copy_s / 1e9, notes=f"copy {copy_bytes >> 20} MiB; matmul {n}x{n}x{n}")
     for dt in dtypes:
-        a = torch.randn(n, n, device=device).to(dt)
-        b = torch.randn(n, n, device=device).to(dt)
-        mats[dt] = (a, b)
-        fns[f"mm:{DTYPE_NAMES[dt]}"] = (lambda a=a, b=b: torch.mm(a, b))
-    timings = time_providers(fns, device, budget)
-    # The ceiling is the best a kernel can do: take the fast end of the distribution (p20).
-    copy_t = timings["copy"]
-    ceil = Ceilings(copy_gbps=2 * copy_bytes / (copy_t.p20_ms * 1e-3) / 1e9,
-                    notes=f"copy {copy_bytes >> 20} MiB; matmul {n}x{n}x{n}")
-    for dt in dtypes:
-        t = timings[f"mm:{DTYPE_NAMES[dt]}"]
-        ceil.matmul_tflops[dt] = 2 * n**3 / (t.p20_ms * 1e-3) / 1e12
+        mm = matmul_ceiling(device, dt, n=n, timer=lambda fn: _p20_seconds(fn, device, budget))
+        ceil.matmul_tflops[dt] = mm.tflops
     return ceil
 
 

@@ -1,67 +1,14 @@
-"""Memory: the suite's one peak-memory meter (:func:`peak_memory_bytes`, used by the op benchmarks
-and the training step alike) and the CPU heap setting the CPU timings run under."""
+"""Memory: the peak-memory meter (:func:`peak_memory_bytes`, used by the op benchmarks and the
+training step alike) and the CPU heap setting the CPU timings run under.
+
+The meter is the package's, ``fusedformer.measure`` — the same one ``fusedformer-train`` reports
+with: the most bytes allocated through torch's allocator that a call holds at once beyond those
+live before it (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events)."""
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Callable, Optional
+from fusedformer.measure import peak_memory_bytes
 
-import torch
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence C-level stderr (the profiler's start/stop chatter) for the duration."""
-    try:
-        fd = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """On CUDA: ``max_memory_allocated`` over the call. On a CPU: the peak of the bytes allocated
-    through torch's CPU allocator during the call and not yet freed, from the profiler's
-    allocation events (memory a kernel takes outside torch's allocator is not seen)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        del out
-        return torch.cuda.max_memory_allocated() - before
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            f = node.extra_fields
-            events.append((node.start_time_ns, f.alloc_size, f.ptr))
-    events.sort(key=lambda e: e[0])
-    live, current, peak = {}, 0, 0
-    for _, size, ptr in events:
-        if size > 0:
-            live[ptr] = size
-            current += size
-            peak = max(peak, current)
-        elif ptr in live:  # frees of memory allocated before the call do not count
-            current -= live.pop(ptr)
-    return peak
+__all__ = ["keep_cpu_heap", "peak_memory_bytes"]
 
 
 def keep_cpu_heap() -> bool:

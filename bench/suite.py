@@ -87,19 +87,12 @@ def compiled(fn: Callable) -> Callable:
 
     def run(*args):
         if "fn" not in state:
-            import torch._dynamo.config as dynamo_config
+            from fusedformer import _compat
 
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dynamo_config, name):
-                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
-            if hasattr(dynamo_config, "accumulated_recompile_limit"):
-                dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+            _compat.raise_dynamo_recompile_limits(per_code=256, accumulated=4096)
             # The bwd mode replays the backward of one retained graph (retain_graph=True), which a
             # compiled backward with donated buffers refuses; give up that memory reuse instead.
-            import torch._functorch.config as functorch_config
-
-            if hasattr(functorch_config, "donated_buffer"):
-                functorch_config.donated_buffer = False
+            _compat.disable_donated_buffers()
             state["fn"] = torch.compile(fn)
         return state["fn"](*args)
 

@@ -14,4 +14,7 @@ if [ "${FUSEDFORMER_SKIP_INSTALL:-0}" != "1" ]; then
   $PY -m pip install -q torch                      # first: the extension is built against it
   $PY -m pip install -q --no-build-isolation -e ".[hf,data,bench]"
 fi
+# PYTHONSAFEPATH: keep the repository root off sys.path (python >= 3.11), or its kernels/ folder
+# shadows Hugging Face's `kernels` package, which transformers imports when it is installed
+export PYTHONSAFEPATH=1
 exec $PY -m fusedformer.train compare "$@"

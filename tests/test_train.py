@@ -263,6 +263,40 @@ def test_gradient_accumulation_matches_one_big_batch(corpus_dir, tmp_path, capsy
         assert x["tokens"] == y["tokens"]
 
 
+def test_peak_memory_and_mfu_accounting(corpus_dir, tmp_path, capsys):
+    """One designated step (the second) is measured by the shared meter and left out of tokens/s;
+    MFU = FLOPs/s over the matmul ceiling measured in the run, and --peak-tflops wins over it."""
+    out = tmp_path / "acct"
+    code, stdout, err = run_cli(["pretrain", "--backend", "reference", "--dropout", "0", "--steps", "6"]
+                                + base_args(corpus_dir, out), capsys)
+    assert code == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    recs = train_records(out)
+    assert s["peak_memory_kind"] == "torch_allocated_step_peak" and s["peak_memory_step"] == 2
+    assert [r["step"] for r in recs if "peak_memory_mb" in r] == [2]
+    assert s["peak_memory_mb"] == recs[1]["peak_memory_mb"]
+    # the step's gradients are allocated inside it (zero_grad sets them to None): at least their bytes
+    assert s["peak_memory_mb"] * 2**20 >= 4 * s["parameters"]
+    timed = [r for r in recs[1:] if r["step"] != 2]  # min(3, 6 // 5) = 1 warm-up step, then not step 2
+    assert s["tokens_per_s"] == pytest.approx(sum(r["tokens"] for r in timed) / sum(r["step_time"] for r in timed))
+    assert s["mfu_ceiling"].startswith("measured: float32 matmul 2048x2048x2048") and s["mfu_ceiling_tflops"] > 0
+    assert s["mfu_ceiling_tflops_total"] == s["mfu_ceiling_tflops"]  # one process
+    assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / (s["mfu_ceiling_tflops"] * 1e12))
+    assert recs[-1]["mfu"] == pytest.approx(s["flops_per_token"] * recs[-1]["tokens_per_s"]
+                                            / (s["mfu_ceiling_tflops"] * 1e12))
+    assert "of the measured matmul ceiling" in stdout
+
+    over = tmp_path / "override"
+    code, stdout, err = run_cli(["pretrain", "--backend", "reference", "--dropout", "0", "--steps", "1",
+                                 "--peak-tflops", "0.5"] + base_args(corpus_dir, over), capsys)
+    assert code == 0, err
+    s = json.loads((over / "summary.json").read_text())
+    assert (s["mfu_ceiling"], s["mfu_ceiling_tflops"]) == ("--peak-tflops", 0.5)
+    assert s["peak_memory_step"] == 1 and s["peak_memory_mb"] > 0  # a one-step run measures that step
+    assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / 0.5e12)
+    assert "MFU" in stdout and "of --peak-tflops" in stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # compare
 # ------------------------------------------------------------------------------------------------
@@ -323,6 +357,9 @@ def test_ddp_two_processes_match_one(corpus_dir, tmp_path, capsys, private_cache
     for x, y in zip(train_records(single, "eval"), train_records(ddp, "eval")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     assert len(train_records(ddp)) == 4 and (ddp / "checkpoint-000004" / "model.safetensors").is_file()
+    s = json.loads((ddp / "summary.json").read_text())  # MFU over both processes' measured ceilings
+    assert s["mfu_ceiling_tflops_total"] > s["mfu_ceiling_tflops"] > 0
+    assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / (s["mfu_ceiling_tflops_total"] * 1e12))
 
 
 # ------------------------------------------------------------------------------------------------

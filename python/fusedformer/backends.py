@@ -98,12 +98,9 @@ def requested_backend(backend: Optional[str] = None) -> str:
 _status_cache: dict[str, Optional[str]] = {}
 
 
-def _constant(fn):
-    """What ``torch._dynamo.assume_constant_result`` does (it sets this marker), without importing
-    Dynamo when fusedformer is imported — that import alone doubles the import time.
-    tests/test_compile.py fails if a torch release stops honouring the marker."""
-    fn._dynamo_marked_constant = True
-    return fn
+#: Marks a probe a compile-time constant (``_compat.mark_dynamo_constant``: what
+#: ``assume_constant_result`` does, without importing Dynamo at ``import fusedformer``).
+_constant = _compat.mark_dynamo_constant
 
 
 def build_record() -> dict:

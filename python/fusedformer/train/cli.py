@@ -115,7 +115,8 @@ def _run_options() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
-    g.add_argument("--peak-tflops", type=float, help="GPU peak TFLOP/s for MFU (default: datasheet table)")
+    g.add_argument("--peak-tflops", type=float, help="TFLOP/s per device that MFU divides by (default: a large "
+                                                     "matmul in the training precision, measured at the start)")
     g.add_argument("--strategy", choices=STRATEGIES, help="under torchrun: ddp (default) or fsdp")
     g.add_argument("--quiet", action="store_true", help="only warnings and the final result")
     return p
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--reuse-runs", action="store_true",
                      help="keep a backend's finished run in --output-dir if its configuration is the same")
     cmp.add_argument("--in-process", action="store_true",
-                     help="run the backends in this process (faster start; memory peaks less separable)")
+                     help="run the backends in this process (faster start)")
     return parser
 
 
@@ -223,10 +224,13 @@ def _print_run(summary: dict) -> None:
     ev = summary.get("final_eval") or {}
     metric = " ".join(f"{k} {v:.4f}" for k, v in ev.items())
     tps = summary.get("tokens_per_s")
+    mfu = ""
+    if summary.get("mfu"):
+        of = "--peak-tflops" if summary.get("mfu_ceiling") == "--peak-tflops" else "the measured matmul ceiling"
+        mfu = f", MFU {summary['mfu']:.1%} of {of}"
     print(f"{summary['backend']}: {summary['steps_done']} steps, train loss {summary['final_train_loss']:.4f}, "
-          f"validation {metric}, {tps:,.0f} tokens/s, peak {summary['peak_memory_mb']:,.0f} MB"
-          + (f", MFU {summary['mfu']:.1%}" if summary.get("mfu") else "")
-          + f"\noutput: {summary['output_dir']}")
+          f"validation {metric}, {tps:,.0f} tokens/s, step peak {summary['peak_memory_mb']:,.1f} MB{mfu}"
+          f"\noutput: {summary['output_dir']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

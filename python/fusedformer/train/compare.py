@@ -127,7 +127,7 @@ def analyse(runs: dict[str, dict], objective: str, shared_rng: dict[str, bool]) 
         row = {"backend": name, "final_train_loss": s.get("final_train_loss"), "final_metric": metric,
                "tokens_per_s": s.get("tokens_per_s"), "median_step_time_s": s.get("median_step_time_s"),
                "peak_memory_mb": s.get("peak_memory_mb"), "peak_memory_kind": s.get("peak_memory_kind"),
-               "mfu": s.get("mfu"), "wall_time_s": s.get("wall_time_s"), "converted": s.get("converted")}
+               "peak_memory_step": s.get("peak_memory_step"), "mfu": s.get("mfu"), "wall_time_s": s.get("wall_time_s"), "converted": s.get("converted")}
         if name != base:
             agree = curve_agreement(base_loss, [r["loss"] for r in run["train"]], early_rtol)
             # the early check means something only when both runs share the dropout stream
@@ -168,7 +168,7 @@ def format_table(result: dict) -> str:
                       f(row["median_step_time_s"] and row["median_step_time_s"] * 1e3, ".1f"),
                       f(row["tokens_per_s"], ",.0f"),
                       "—" if row.get("speedup") is None else f"{row['speedup']:.2f}x",
-                      f(row["peak_memory_mb"], ",.0f"), verdict])
+                      f(row["peak_memory_mb"], ",.1f"), verdict])
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
@@ -177,10 +177,26 @@ def format_table(result: dict) -> str:
              f"{t['early_rtol']:g} relative and {t['window']}-step smoothed curves within {t['curve_atol']:g} nats"]
     if any(r.get("vs_baseline") and not r["vs_baseline"]["early_check_applies"] for r in result["rows"]):
         notes.append("* different dropout masks (the unconverted torch model uses torch's dropout): only the smoothed-curve check applies")
-    kind = next((r["peak_memory_kind"] for r in result["rows"] if r.get("peak_memory_kind")), None)
-    if kind == "cpu_peak_rss":
-        notes.append("peak MB: peak resident memory of the run's process (includes the Python/torch runtime)")
+    notes.extend(_memory_notes(result["rows"]))
     return "\n".join(out + notes)
+
+
+def _memory_notes(rows: list[dict]) -> list[str]:
+    """What the peak MB column is (``perf.py``); a warning when runs reused from an older version
+    (``--reuse-runs``) measured it differently."""
+    from .perf import PEAK_MEMORY_KIND
+
+    kinds = {r.get("peak_memory_kind") for r in rows if r.get("peak_memory_mb") is not None}
+    if len(kinds) > 1:
+        return ["peak MB: NOT comparable between these runs, measured as " + ", ".join(sorted(map(str, kinds)))]
+    if kinds == {PEAK_MEMORY_KIND}:
+        steps = sorted({r["peak_memory_step"] for r in rows if r.get("peak_memory_step")})
+        at = f" (step {', '.join(map(str, steps))})" if steps else ""
+        return [f"peak MB: the most memory one training step{at} holds at once through torch's allocator, "
+                "beyond what was allocated when it began (activations, gradients, optimizer temporaries)"]
+    if kinds == {"cpu_peak_rss"}:  # summaries written before the shared meter
+        return ["peak MB: peak resident memory of the run's process (includes the Python/torch runtime)"]
+    return []
 
 
 def plot(runs: dict[str, dict], result: dict, path: Path, title: str) -> Optional[Path]:

@@ -82,7 +82,7 @@ class RunConfig:
     overwrite: bool = False              # allow a fresh run in an output_dir that holds one
     progress: bool = True
     tensorboard: bool = False
-    peak_tflops: Optional[float] = None  # MFU denominator override (GPU)
+    peak_tflops: Optional[float] = None  # MFU denominator per device (default: the measured matmul ceiling)
     # more than one process
     strategy: str = "ddp"                # ddp | fsdp (under torchrun)
 

@@ -1,86 +1,86 @@
-"""Speed and memory accounting: peak memory per run, training FLOPs, MFU on GPUs.
+"""Speed and memory accounting of a training run: which step's peak memory is measured, training
+FLOPs, MFU against the matmul ceiling measured in the run.
 
-* Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset at the start of training); on
-  the CPU the process's peak resident set (Linux ``VmHWM``, reset through
-  ``/proc/self/clear_refs`` so several runs in one process each get their own peak; where that
-  is impossible, the process-lifetime peak from ``getrusage``). The CPU figure includes the
-  Python/torch runtime itself (a few hundred MB), identical for every backend.
+* **Peak memory** is the package's one meter (``fusedformer.measure.PeakMemory``, the one the
+  benchmarks use): the most bytes allocated through torch's allocator that one training step
+  (forward, backward and optimizer step of every micro-batch) holds at once beyond those live when
+  the step began — activations, gradients, optimizer temporaries; not the weights or the optimizer
+  state carried over from the step before. Same quantity on CUDA (``max_memory_allocated``) and
+  on the CPU (the profiler's allocation events). The CPU meter profiles the step, so it is taken
+  on one designated step (:func:`memory_step`: the second of the run, the first in steady state),
+  and that step's time is left out of the run's tokens/s and median step time (its log record
+  carries ``peak_memory_mb``; its ``step_time`` includes the meter's cost).
 * FLOPs per trained token (PaLM, Chowdhery et al. 2022, appendix B): ``6·N + 12·L·C·S`` with
   ``N`` the parameters used in matmuls, ``L`` layers, ``C`` width, ``S`` sequence length.
-* MFU = achieved FLOP/s / the GPU's dense bf16/fp16 peak (a small table of datasheet figures, or
-  ``--peak-tflops``). Only reported on a GPU under bf16/fp16 autocast or with ``--peak-tflops``.
+* **MFU** = achieved FLOP/s ÷ the matmul ceiling: the TFLOP/s of a large ``torch.mm`` in the
+  training precision (bf16 / fp16 under autocast, else float32 with the current TF32 setting)
+  measured on each process's device at the start of the run (``fusedformer.measure.matmul_ceiling``,
+  the ceiling the benchmarks use), summed over the processes — or ``--peak-tflops`` per device,
+  which wins and skips the measurement. Reported on the CPU too: it is the share of what torch's
+  own matmul reaches on this machine, not of a datasheet peak.
 """
 from __future__ import annotations
 
-import resource
+import functools
 from typing import Optional
 
 import torch
 
-#: Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA datasheets, TFLOP/s. Matched in
-#: order against the device name, so more specific names come first.
-GPU_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
-    ("V100", 125.0), ("T4", 65.0),
-)
+from fusedformer.measure import MATMUL_CEILING_N, PeakMemory, matmul_ceiling
+
+__all__ = ["PeakMemory", "PEAK_MEMORY_KIND", "memory_step", "train_flops_per_token", "mfu_ceiling",
+           "measured_ceiling_tflops", "mfu"]
+
+#: ``peak_memory_kind`` in the summary: what ``peak_memory_mb`` is (see the module docstring).
+PEAK_MEMORY_KIND = "torch_allocated_step_peak"
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PeakMemory:
-    """Peak memory of the code run between :meth:`reset` and :meth:`peak_mb`."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
-        self._hwm_resettable = False
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self._hwm_resettable = _vm_hwm_kb() is not None
-        except OSError:
-            self._hwm_resettable = False
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self._hwm_resettable:
-            kb = _vm_hwm_kb()
-            if kb is not None:
-                return kb / 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _vm_hwm_kb() -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def memory_step(start_step: int, total_steps: int) -> int:
+    """The 0-based index of the step whose peak memory is measured: the second step of this run
+    (the first has the optimizer state to create and the allocator to warm), the first if it is
+    the only one."""
+    return start_step + 1 if total_steps - start_step >= 2 else start_step
 
 
 def train_flops_per_token(matmul_params: int, layers: int, width: int, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * layers * width * seq_len
 
 
-def gpu_peak_tflops(device: torch.device, precision: str, override: Optional[float]) -> Optional[float]:
-    """The dense peak used as MFU's denominator, or None when MFU is not reported."""
-    if device.type != "cuda":
-        return None
+@functools.lru_cache(maxsize=None)
+def _cached_ceiling(device: str, dtype: torch.dtype, fp32_precision: str, tf32: bool, threads: int) -> float:
+    ceiling = matmul_ceiling(torch.device(device), dtype).tflops
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # hand the operands' blocks back before the model needs them
+    return ceiling
+
+
+def measured_ceiling_tflops(device: torch.device, precision: str) -> float:
+    """The matmul ceiling in the training precision on ``device``, TFLOP/s. Measured once per
+    process and setting (device, dtype, TF32 / float32 matmul precision, CPU threads): a run in the
+    same process as an earlier one with the same settings reuses it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    return _cached_ceiling(str(device), PRECISION_DTYPES[precision], torch.get_float32_matmul_precision(), tf32,
+                           threads)
+
+
+def mfu_ceiling(device: torch.device, precision: str, override: Optional[float]) -> tuple[float, str]:
+    """MFU's denominator for one process, TFLOP/s, and where it comes from: ``override``
+    (``--peak-tflops``) when given, else :func:`measured_ceiling_tflops`."""
     if override:
-        return override
-    if precision not in ("bf16", "fp16"):
+        return float(override), "--peak-tflops"
+    n = MATMUL_CEILING_N[torch.device(device).type]
+    return measured_ceiling_tflops(device, precision), f"measured: {str(PRECISION_DTYPES[precision])[6:]} matmul {n}x{n}x{n}"
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, ceiling_tflops: float) -> Optional[float]:
+    """Achieved FLOP/s over the ceiling (``ceiling_tflops`` the sum over the processes whose tokens
+    ``tokens_per_s`` counts); None without a ceiling or a rate."""
+    if not ceiling_tflops or not tokens_per_s:
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in GPU_PEAK_TFLOPS:
-        if key in name:
-            return tflops
-    return None
+    return flops_per_token * tokens_per_s / (ceiling_tflops * 1e12)

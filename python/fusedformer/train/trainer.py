@@ -46,7 +46,7 @@ from .data import (IGNORE_INDEX, Batch, StepSampler, _mix, classification_datase
                    lm_dataset, load_corpus, nsp_dataset)
 from .models import (apply_backend, build_model, check_backend, check_supported, count_parameters,
                      matmul_parameters, resolve_model)
-from .perf import PeakMemory, gpu_peak_tflops, train_flops_per_token
+from .perf import PEAK_MEMORY_KIND, PeakMemory, memory_step, mfu, mfu_ceiling, train_flops_per_token
 from .tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger("fusedformer.train")
@@ -358,8 +358,11 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
     flops_per_token = train_flops_per_token(matmul_parameters(hf_model, cfg.objective), layers, width,
                                             cfg.seq_len)
-    peak_tflops = gpu_peak_tflops(device, precision, cfg.peak_tflops)
-    memory = PeakMemory(device)
+    # MFU's denominator: the matmul ceiling measured on this process's device (or --peak-tflops),
+    # summed over the processes, whose tokens the global tokens/s counts
+    ceiling_tflops, ceiling_source = mfu_ceiling(device, precision, cfg.peak_tflops)
+    ceiling_total = distrib.all_reduce_sum([ceiling_tflops], env)[0]
+    mem_step = memory_step(start_step, total_steps)  # the step the peak-memory meter watches
     writer = None
     if cfg.tensorboard and env.is_main:
         try:
@@ -373,11 +376,14 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
             "micro_batch_size": micro, "accumulation": accum, "total_steps": total_steps,
             "warmup_steps": warmup, "parameters": n_params, "converted": len(conversion["converted"]),
             "skipped": len(conversion["skipped"]), "tokenizer": tok.source, "vocab_size": tok.vocab_size,
-            "train_examples": len(train_ds), "valid_examples": len(valid_ds)}
+            "train_examples": len(train_ds), "valid_examples": len(valid_ds),
+            "flops_per_token": flops_per_token, "mfu_ceiling": ceiling_source, "mfu_ceiling_tflops": ceiling_tflops,
+            "mfu_ceiling_tflops_total": ceiling_total}
     jlog.write({"kind": "start", "step": start_step, **info})
-    log.info("%s | %s | %d parameters | %d layers fused (%d skipped) | %d steps of %d × %d tokens | %s",
-             cfg.backend, device, n_params, len(conversion["converted"]), len(conversion["skipped"]),
-             total_steps, cfg.batch_size, cfg.seq_len, precision)
+    log.info("%s | %s | %d parameters | %d layers fused (%d skipped) | %d steps of %d × %d tokens | %s | "
+             "MFU ceiling %.3g TFLOP/s (%s)", cfg.backend, device, n_params, len(conversion["converted"]),
+             len(conversion["skipped"]), total_steps, cfg.batch_size, cfg.seq_len, precision, ceiling_tflops,
+             ceiling_source)
 
     def evaluate(step: int) -> dict:
         metrics = run_eval(model, valid_ds, tok, cfg, env, micro, precision)
@@ -397,9 +403,9 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
                    dynamic_ncols=True, file=sys.stderr)
 
     # ---- the loop -----------------------------------------------------------------------------
-    timings: list[tuple[float, int]] = []
+    timings: list[tuple[float, int, bool]] = []  # (step time, tokens, memory measured)
     last_loss = float("nan")
-    memory.reset()
+    peak_memory_mb: Optional[float] = None
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
         epoch, indices = sampler.batch(step)
@@ -410,45 +416,48 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
             [sum(b.term_counts()[t] for b in batches) for t in terms] + [sum(b.tokens for b in batches)], env)
         global_counts = dict(zip(terms, term_counts))
 
+        batches = [b.to(device) for b in batches]  # data preparation: outside the step's time and memory
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        measured = step == mem_step
+        meter = PeakMemory(device) if measured else contextlib.nullcontext()
         t0 = time.perf_counter()
-        model.train()
-        loss_sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in terms}
-        correct_sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in terms}
-        for a, b in enumerate(batches):
-            b = b.to(device)
-            with distrib.maybe_no_sync(model, env, sync=(a == accum - 1)):
-                with autocast_context(precision, device):
-                    losses = batch_loss(model, b)
-                scaled = sum(losses[t][0] * (W / global_counts[t]) for t in terms)
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            for t in terms:
-                loss_sums[t] += losses[t][0].detach().double()
-                correct_sums[t] += losses[t][1].detach().double()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        lr = optimizer.param_groups[0]["lr"]
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        reduced = distrib.all_reduce_sum([float(loss_sums[t]) for t in terms] +
-                                         [float(correct_sums[t]) for t in terms], env)
-        term_losses = {t: reduced[i] / global_counts[t] for i, t in enumerate(terms)}
-        term_correct = {t: reduced[len(terms) + i] / global_counts[t] for i, t in enumerate(terms)}
+        with meter:
+            model.train()
+            loss_sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in terms}
+            correct_sums = {t: torch.zeros((), dtype=torch.float64, device=device) for t in terms}
+            for a, b in enumerate(batches):
+                with distrib.maybe_no_sync(model, env, sync=(a == accum - 1)):
+                    with autocast_context(precision, device):
+                        losses = batch_loss(model, b)
+                    scaled = sum(losses[t][0] * (W / global_counts[t]) for t in terms)
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                for t in terms:
+                    loss_sums[t] += losses[t][0].detach().double()
+                    correct_sums[t] += losses[t][1].detach().double()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            reduced = distrib.all_reduce_sum([float(loss_sums[t]) for t in terms] +
+                                             [float(correct_sums[t]) for t in terms], env)
+            term_losses = {t: reduced[i] / global_counts[t] for i, t in enumerate(terms)}
+            term_correct = {t: reduced[len(terms) + i] / global_counts[t] for i, t in enumerate(terms)}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         dt = distrib.all_reduce_max(dt, env)
-        timings.append((dt, int(global_tokens)))
+        timings.append((dt, int(global_tokens), measured))
 
         last_loss = sum(term_losses.values())
         done = step + 1
@@ -461,8 +470,12 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
             for t in terms:
                 record[f"{names[t]}_loss"] = term_losses[t]
                 record[f"{names[t]}_accuracy"] = term_correct[t]
-        if peak_tflops:
-            record["mfu"] = flops_per_token * tps / (peak_tflops * 1e12 * W)
+        step_mfu = mfu(flops_per_token, tps, ceiling_total)
+        if step_mfu is not None:
+            record["mfu"] = step_mfu
+        if measured:  # this step's time includes the meter's cost (see perf.py)
+            peak_memory_mb = meter.mb
+            record["peak_memory_mb"] = peak_memory_mb
         if not math.isfinite(last_loss):
             jlog.write(record)
             raise TrainError(f"the loss became {last_loss} at step {done}; lower --lr or use --precision "
@@ -486,19 +499,19 @@ def _run(cfg: RunConfig, env: distrib.DistEnv) -> dict:
 
     # ---- summary ------------------------------------------------------------------------------
     skip = min(3, len(timings) // 5)  # the first steps warm up allocators and caches
-    timed = timings[skip:] or timings
+    # ... and the step the memory meter watched is not a timing sample (the only one: then it is)
+    timed = [(t, n) for t, n, measured in timings[skip:] if not measured] or [(t, n) for t, n, _ in timings]
     step_times = sorted(t for t, _ in timed)
     summary = {
         **info, "command": cfg.command, "objective": cfg.objective, "model": cfg.model, "seed": cfg.seed,
         "steps_done": total_steps, "final_train_loss": last_loss, "final_eval": last_eval,
         "median_step_time_s": step_times[len(step_times) // 2] if step_times else None,
         "tokens_per_s": (sum(n for _, n in timed) / sum(t for t, _ in timed)) if timed else None,
-        "peak_memory_mb": memory.peak_mb(), "peak_memory_kind": memory.kind, "wall_time_s": wall,
-        "mfu": None, "torch": torch.__version__, "python": platform.python_version(),
+        "peak_memory_mb": peak_memory_mb, "peak_memory_kind": PEAK_MEMORY_KIND, "peak_memory_step": mem_step + 1,
+        "wall_time_s": wall, "torch": torch.__version__, "python": platform.python_version(),
         "output_dir": str(out),
     }
-    if peak_tflops and summary["tokens_per_s"]:
-        summary["mfu"] = flops_per_token * summary["tokens_per_s"] / (peak_tflops * 1e12 * W)
+    summary["mfu"] = mfu(flops_per_token, summary["tokens_per_s"], ceiling_total)
     summary["peak_memory_mb"] = distrib.all_reduce_max(summary["peak_memory_mb"], env)
     jlog.write({"kind": "summary", "step": total_steps, **{k: v for k, v in summary.items()
                                                            if k != "final_eval"},
