@@ -107,12 +107,14 @@ void fwd_cuda(const FwdParams& p);
 void bwd_cuda(const BwdParams& p);
 
 // The nvcc-compiled launchers behind them (attention_cuda_fwd.cu, attention_cuda_bwd_*.cu; the
-// kernels are in attention_cuda.cuh), for p.pb.dtype float16 / bfloat16. delta: (B, H, Sq)
-// float32 scratch; dq_acc: (B, H, Sq, D) float32 scratch, unused when p.deterministic.
+// kernels are in attention_cuda.cuh), for p.pb.dtype float16 / bfloat16. The backward's T is that
+// dtype's CPU element type, c10::Half or c10::BFloat16 (instantiated one per file, for parallel
+// compiles). delta: (B, H, Sq) float32 scratch; dq_acc: (B, H, Sq, D) float32 scratch, unused when
+// p.deterministic.
 namespace gpu {
 void fwd_launch(const FwdParams& p, cudaStream_t stream);
-void bwd_launch_f16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
-void bwd_launch_bf16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
+template <typename T>
+void bwd_launch(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
 }  // namespace gpu
 #endif
 

@@ -32,6 +32,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <bit>
 #include <cmath>
@@ -41,9 +42,11 @@
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention/attention_problem.h"
 #include "common/cpu.h"
 #include "common/cpu_gemm.h"
 #include "common/cpu_kernels.h"
+#include "common/dtype.h"
 
 namespace ff::attention {
 namespace {
@@ -194,13 +197,11 @@ void add_mask_row_typed(float* x, const M* mask, int64_t stride, int64_t n) {
   }
 }
 
-void add_mask_row(float* x, const void* mask, c10::ScalarType t, int64_t stride, int64_t n) {
-  switch (t) {
-    case c10::kFloat: add_mask_row_typed(x, static_cast<const float*>(mask), stride, n); break;
-    case c10::kBFloat16: add_mask_row_typed(x, static_cast<const c10::BFloat16*>(mask), stride, n); break;
-    case c10::kHalf: add_mask_row_typed(x, static_cast<const c10::Half*>(mask), stride, n); break;
-    default: TORCH_CHECK(false, "attention: unsupported attn_mask dtype ", t);
-  }
+// The same for the mask row starting `first` elements into `mask`, of dtype t.
+void add_mask_row(float* x, const void* mask, int64_t first, c10::ScalarType t, int64_t stride, int64_t n) {
+  visit_dtype(t, "attention (cpu) attn_mask", [&]<typename M>(TypeTag<M>) {
+    add_mask_row_typed(x, static_cast<const M*>(mask) + first, stride, n);
+  });
 }
 
 
@@ -243,11 +244,9 @@ struct TileMask {
     for (int64_t i = 0; i < mq; ++i) {
       float* row = s + i * ld;
       if (pb.mask.ptr) {
-        const int64_t elem = pb.mask_dtype == c10::kFloat ? 4 : 2;
-        const char* base = static_cast<const char*>(pb.mask.ptr) +
-                           elem * (b * pb.mask.stride_b + h * pb.mask.stride_h + (q0 + i) * pb.mask.stride_s +
-                                   k0 * pb.mask_stride_k);
-        add_mask_row(row, base, pb.mask_dtype, pb.mask_stride_k, nk);
+        const int64_t first =
+            b * pb.mask.stride_b + h * pb.mask.stride_h + (q0 + i) * pb.mask.stride_s + k0 * pb.mask_stride_k;
+        add_mask_row(row, pb.mask.ptr, first, pb.mask_dtype, pb.mask_stride_k, nk);
       }
       if (pb.key_padding) row_add(row, kbias, nk);
       if (pb.causal) {  // key j is visible to query q0 + i iff j <= q0 + i
@@ -480,86 +479,93 @@ void backward_tiles(const BwdParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Low-precision inputs: float32 copies in, one rounding out.
 // ---------------------------------------------------------------------------------------------
-at::Tensor wrap(const Strided4& t, int64_t d0, int64_t d1, int64_t d2, int64_t d3, c10::ScalarType dtype) {
-  return at::from_blob(t.ptr, {d0, d1, d2, d3}, {t.stride_b, t.stride_h, t.stride_s, 1},
-                       at::TensorOptions().dtype(dtype));
+using Sizes4 = std::array<int64_t, 4>;
+Sizes4 q_sizes(const Problem& pb) { return {pb.B, pb.H, pb.Sq, pb.D}; }   // q, dq
+Sizes4 k_sizes(const Problem& pb) { return {pb.B, pb.Hk, pb.Sk, pb.D}; }  // k, dk
+Sizes4 v_sizes(const Problem& pb) { return {pb.B, pb.Hk, pb.Sk, pb.Dv}; } // v, dv
+Sizes4 o_sizes(const Problem& pb) { return {pb.B, pb.H, pb.Sq, pb.Dv}; }  // out, dout
+
+at::Tensor wrap(const Strided4& t, const Sizes4& sizes, c10::ScalarType dtype) {
+  return at::from_blob(t.ptr, sizes, {t.stride_b, t.stride_h, t.stride_s, 1}, at::TensorOptions().dtype(dtype));
 }
 
-Strided4 strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+// Float32 stand-ins for a call's low-precision operands (of one dtype): input() points an operand at
+// a float32 copy of it, output() at a float32 buffer, which round_outputs() rounds into the operand
+// it stands for once the kernel has run.
+class Float32Operands {
+ public:
+  explicit Float32Operands(c10::ScalarType dtype) : dtype_(dtype) {}
 
-at::Tensor to_f32(const Strided4& t, int64_t d0, int64_t d1, int64_t d2, int64_t d3, c10::ScalarType dtype) {
-  return wrap(t, d0, d1, d2, d3, dtype).to(at::kFloat).contiguous();
-}
+  void input(Strided4& t, const Sizes4& sizes) {
+    copies_.push_back(wrap(t, sizes, dtype_).to(at::kFloat).contiguous());
+    t = strided(copies_.back());
+  }
+
+  void output(Strided4& t, const Sizes4& sizes) {
+    outputs_.push_back({t, sizes, at::empty(sizes, at::TensorOptions().dtype(at::kFloat))});
+    t = strided(outputs_.back().f32);
+  }
+
+  void round_outputs() const {
+    for (const Output& o : outputs_) wrap(o.dst, o.sizes, dtype_).copy_(o.f32);
+  }
+
+ private:
+  struct Output {
+    Strided4 dst;
+    Sizes4 sizes;
+    at::Tensor f32;
+  };
+  c10::ScalarType dtype_;
+  std::vector<at::Tensor> copies_;
+  std::vector<Output> outputs_;
+};
 
 }  // namespace
 
+// Which kernel runs: common/cpu_gemm.h's gemm_path, the same rule as gelu_ffn's.
 void fwd_cpu(const FwdParams& p) {
   const Problem& pb = p.pb;
-  if (pb.dtype == c10::kFloat) return forward_tiles<float>(p);
-  TORCH_CHECK_TYPE(pb.dtype == c10::kBFloat16 || pb.dtype == c10::kHalf, "attention: unsupported dtype ", pb.dtype);
-  if (pb.dtype == c10::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kAttention)) {
-    // q, k, v read in place; out accumulated in float32 and rounded once.
-    at::Tensor out = at::empty({pb.B, pb.H, pb.Sq, pb.Dv}, at::TensorOptions().dtype(at::kFloat));
-    FwdParams f = p;
-    f.out = strided(out);
-    forward_tiles<BF16>(f);
-    wrap(p.out, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype).copy_(out);
-    return;
-  }
-  const at::Tensor q = to_f32(pb.q, pb.B, pb.H, pb.Sq, pb.D, pb.dtype);
-  const at::Tensor k = to_f32(pb.k, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype);
-  const at::Tensor v = to_f32(pb.v, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype);
-  at::Tensor out = at::empty({pb.B, pb.H, pb.Sq, pb.Dv}, at::TensorOptions().dtype(at::kFloat));
+  const cpu::GemmPath path = cpu::gemm_path(pb.dtype, cpu::GemmOp::kAttention, "attention (cpu)");
+  if (path == cpu::GemmPath::kFloat32) return forward_tiles<float>(p);
+  // out accumulated in float32 and rounded once; q, k, v read in place by the bf16 tile GEMMs, or
+  // as float32 copies.
   FwdParams f = p;
-  f.pb.q = strided(q);
-  f.pb.k = strided(k);
-  f.pb.v = strided(v);
-  f.out = strided(out);
-  forward_tiles<float>(f);
-  wrap(p.out, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype).copy_(out);
+  Float32Operands f32(pb.dtype);
+  f32.output(f.out, o_sizes(pb));
+  if (path == cpu::GemmPath::kBf16Gemm) {
+    forward_tiles<BF16>(f);
+  } else {
+    f32.input(f.pb.q, q_sizes(pb));
+    f32.input(f.pb.k, k_sizes(pb));
+    f32.input(f.pb.v, v_sizes(pb));
+    forward_tiles<float>(f);
+  }
+  f32.round_outputs();
 }
 
 void bwd_cpu(const BwdParams& p) {
   const Problem& pb = p.pb;
-  if (pb.dtype == c10::kFloat) return backward_tiles<float>(p);
-  TORCH_CHECK_TYPE(pb.dtype == c10::kBFloat16 || pb.dtype == c10::kHalf, "attention: unsupported dtype ", pb.dtype);
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  if (pb.dtype == c10::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kAttention)) {
-    // q, k, v, dout, out read in place; dq, dk, dv accumulated in float32 and rounded once.
-    at::Tensor dq = at::empty({pb.B, pb.H, pb.Sq, pb.D}, opts);
-    at::Tensor dk = at::empty({pb.B, pb.Hk, pb.Sk, pb.D}, opts);
-    at::Tensor dv = at::empty({pb.B, pb.Hk, pb.Sk, pb.Dv}, opts);
-    BwdParams f = p;
-    f.dq = strided(dq);
-    f.dk = strided(dk);
-    f.dv = strided(dv);
-    backward_tiles<BF16>(f);
-    wrap(p.dq, pb.B, pb.H, pb.Sq, pb.D, pb.dtype).copy_(dq);
-    wrap(p.dk, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype).copy_(dk);
-    wrap(p.dv, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype).copy_(dv);
-    return;
-  }
-  const at::Tensor q = to_f32(pb.q, pb.B, pb.H, pb.Sq, pb.D, pb.dtype);
-  const at::Tensor k = to_f32(pb.k, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype);
-  const at::Tensor v = to_f32(pb.v, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype);
-  const at::Tensor dout = to_f32(p.dout, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype);
-  const at::Tensor out = to_f32(p.out, pb.B, pb.H, pb.Sq, pb.Dv, pb.dtype);
-  at::Tensor dq = at::empty({pb.B, pb.H, pb.Sq, pb.D}, opts);
-  at::Tensor dk = at::empty({pb.B, pb.Hk, pb.Sk, pb.D}, opts);
-  at::Tensor dv = at::empty({pb.B, pb.Hk, pb.Sk, pb.Dv}, opts);
+  const cpu::GemmPath path = cpu::gemm_path(pb.dtype, cpu::GemmOp::kAttention, "attention (cpu)");
+  if (path == cpu::GemmPath::kFloat32) return backward_tiles<float>(p);
+  // dq, dk, dv accumulated in float32 and rounded once; q, k, v, dout, out read in place by the bf16
+  // tile GEMMs, or as float32 copies.
   BwdParams f = p;
-  f.pb.q = strided(q);
-  f.pb.k = strided(k);
-  f.pb.v = strided(v);
-  f.dout = strided(dout);
-  f.out = strided(out);
-  f.dq = strided(dq);
-  f.dk = strided(dk);
-  f.dv = strided(dv);
-  backward_tiles<float>(f);
-  wrap(p.dq, pb.B, pb.H, pb.Sq, pb.D, pb.dtype).copy_(dq);
-  wrap(p.dk, pb.B, pb.Hk, pb.Sk, pb.D, pb.dtype).copy_(dk);
-  wrap(p.dv, pb.B, pb.Hk, pb.Sk, pb.Dv, pb.dtype).copy_(dv);
+  Float32Operands f32(pb.dtype);
+  f32.output(f.dq, q_sizes(pb));
+  f32.output(f.dk, k_sizes(pb));
+  f32.output(f.dv, v_sizes(pb));
+  if (path == cpu::GemmPath::kBf16Gemm) {
+    backward_tiles<BF16>(f);
+  } else {
+    f32.input(f.pb.q, q_sizes(pb));
+    f32.input(f.pb.k, k_sizes(pb));
+    f32.input(f.pb.v, v_sizes(pb));
+    f32.input(f.dout, o_sizes(pb));
+    f32.input(f.out, o_sizes(pb));
+    backward_tiles<float>(f);
+  }
+  f32.round_outputs();
 }
 
 }  // namespace ff::attention

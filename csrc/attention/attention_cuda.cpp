@@ -8,6 +8,7 @@
 
 #include "attention/attention.h"
 #include "attention/attention_cuda_config.h"
+#include "common/dtype.h"
 
 namespace ff::attention {
 
@@ -40,11 +41,9 @@ void bwd_cuda(const BwdParams& p) {
   at::Tensor dq_acc = p.deterministic ? at::Tensor() : at::empty({pb.B, pb.H, pb.Sq, pb.D}, opts);
   float* acc = p.deterministic ? nullptr : dq_acc.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (pb.dtype == c10::ScalarType::Half) {
-    gpu::bwd_launch_f16(p, delta.data_ptr<float>(), acc, stream);
-  } else {
-    gpu::bwd_launch_bf16(p, delta.data_ptr<float>(), acc, stream);
-  }
+  visit_dtype<LowPrecisionDtypes>(pb.dtype, "attention (cuda)", [&]<typename T>(TypeTag<T>) {
+    gpu::bwd_launch<T>(p, delta.data_ptr<float>(), acc, stream);
+  });
 }
 
 }  // namespace ff::attention

@@ -4,8 +4,10 @@
 
 namespace ff::attention::gpu {
 
-void bwd_launch_f16(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream) {
-  launch_bwd_any<__half>(p, delta, dq_acc, stream);
+template <typename T>
+void bwd_launch(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream) {
+  launch_bwd_any<typename ff::cuda::DeviceType<T>::type>(p, delta, dq_acc, stream);
 }
+template void bwd_launch<c10::Half>(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t stream);
 
 }  // namespace ff::attention::gpu

@@ -5,8 +5,9 @@
 namespace ff::attention::gpu {
 
 void fwd_launch(const FwdParams& p, cudaStream_t stream) {
-  if (p.pb.dtype == c10::ScalarType::Half) return launch_fwd_any<__half>(p, stream);
-  launch_fwd_any<__nv_bfloat16>(p, stream);
+  ff::cuda::visit_device_dtype<LowPrecisionDtypes>(p.pb.dtype, "attention (cuda)", [&]<typename T>(TypeTag<T>) {
+    launch_fwd_any<T>(p, stream);
+  });
 }
 
 }  // namespace ff::attention::gpu

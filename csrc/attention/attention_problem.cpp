@@ -4,13 +4,12 @@
 #include <cmath>
 
 #include "common/checks.h"
+#include "common/dtype.h"
 
 namespace ff::attention {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-Strided4 strided(const Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 void check_operand(const char* op, const char* name, const Tensor& t, const Tensor& ref, at::IntArrayRef sizes) {
   FF_CHECK_ARG(t.defined(), op, name, " is undefined");
@@ -27,8 +26,7 @@ Problem make_problem(const char* op, const Tensor& q, const Tensor& k, const Ten
                      const OptTensor& key_padding_mask, double dropout_p, bool is_causal, double scale,
                      int64_t seed, int64_t offset) {
   FF_CHECK_ARG(q.defined() && q.dim() == 4, op, "q must be a (B, H, Sq, D) tensor, got ", q.sizes());
-  TORCH_CHECK_TYPE(is_fast_dtype(q.scalar_type()), op, "q must be float32, float16 or bfloat16, got ",
-                   q.scalar_type());
+  check_dtype_of(op, "q", q);
   FF_CHECK_ARG(k.defined() && k.dim() == 4 && v.defined() && v.dim() == 4, op,
                "k and v must be (B, Hk, Sk, D) tensors");
   Problem pb;
@@ -51,7 +49,7 @@ Problem make_problem(const char* op, const Tensor& q, const Tensor& k, const Ten
   if (attn_mask.has_value()) {
     const Tensor& m = *attn_mask;
     FF_CHECK_ARG(m.device() == q.device(), op, "attn_mask is on ", m.device(), " but q is on ", q.device());
-    TORCH_CHECK_TYPE(is_fast_dtype(m.scalar_type()), op, "attn_mask must be an additive float mask, got ",
+    TORCH_CHECK_TYPE(FloatDtypes::contains(m.scalar_type()), op, "attn_mask must be an additive float mask, got ",
                      m.scalar_type());
     FF_CHECK_ARG(m.dim() == 4 && m.sizes() == at::IntArrayRef({pb.B, pb.H, pb.Sq, pb.Sk}), op,
                  "attn_mask must be expanded to (B, H, Sq, Sk) = (", pb.B, ", ", pb.H, ", ", pb.Sq, ", ", pb.Sk,
@@ -92,8 +90,8 @@ void set_bwd_operands(BwdParams& p, const Tensor& dout, const Tensor& out, const
 }
 
 void check_cuda_problem(const char* op, const Problem& pb) {
-  TORCH_CHECK_TYPE(pb.dtype == c10::kHalf || pb.dtype == c10::kBFloat16, op,
-                   "the cuda kernels take float16 or bfloat16 q, k, v; got ", pb.dtype,
+  TORCH_CHECK_TYPE(LowPrecisionDtypes::contains(pb.dtype), op, "the cuda kernels take ",
+                   LowPrecisionDtypes::names(), " q, k, v; got ", pb.dtype,
                    " (the triton or reference backend takes float32)");
   FF_CHECK_ARG(pb.D % 8 == 0 && pb.D <= 256, op, "the cuda kernels need a head dim that is a multiple of 8 and ",
                "at most 256; got q/k head dim ", pb.D);

@@ -1,6 +1,7 @@
 // From tensors to the attention Problem (attention.h), with every argument check: shared by the op
 // entry points (attention_ops.cpp) and the emulated CUDA tests (csrc/tests/emu/emu_attention.cpp),
-// so the tests run the kernels on exactly the Problem the op would build.
+// so the tests run the kernels on exactly the Problem the op would build; strided() serves the CPU
+// kernels' float32 stand-ins too (attention_cpu.cpp).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -11,7 +12,7 @@
 namespace ff::attention {
 
 // The (batch, head, row) strides and base pointer of a rank-4 tensor.
-Strided4 strided(const at::Tensor& t);
+inline Strided4 strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // A (B, H, S, D) operand: on ref's device, of ref's dtype, the given sizes, unit stride in the
 // last dim and no negative strides (a ValueError / TypeError naming `name` otherwise).

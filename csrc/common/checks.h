@@ -7,12 +7,17 @@
 
 #include <optional>
 
+#include "common/dtype.h"
+
 #define FF_CHECK_ARG(cond, op, ...) TORCH_CHECK_VALUE(cond, op, ": ", __VA_ARGS__)
 
 namespace ff {
 
-inline bool is_fast_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+// A TypeError unless t's dtype is one of Set's (common/dtype.h): "<op>x must be float32, float16 or
+// bfloat16, got Double".
+template <typename Set = FloatDtypes>
+void check_dtype_of(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(Set::contains(t.scalar_type()), op, name, " must be ", Set::names(), ", got ", t.scalar_type());
 }
 
 inline void check_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,

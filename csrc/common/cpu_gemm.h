@@ -21,10 +21,13 @@
 // runs on any CPU, slowly without the instructions; the attention path needs MKL).
 // float16 inputs always take the float32 path.
 #pragma once
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <string>
+
+#include "common/dtype.h"
 
 namespace ff::cpu {
 
@@ -40,6 +43,18 @@ struct Bf16GemmPath {
 Bf16GemmPath bf16_gemm_path(GemmOp op);
 // The same decision, cheap enough for every call.
 bool use_bf16_gemm(GemmOp op);
+
+// The kernel an op with GEMMs runs for inputs of dtype t, forward and backward alike: float32 as
+// it is; bfloat16 with bfloat16 operands where use_bf16_gemm(op) says; float16, and bfloat16
+// elsewhere, the float32 kernel on float32 copies. Either low-precision way the outputs are
+// accumulated in float32 and rounded once. A TypeError naming `name` for any other dtype.
+enum class GemmPath { kFloat32, kBf16Gemm, kFloat32Copies };
+inline GemmPath gemm_path(c10::ScalarType t, GemmOp op, const char* name) {
+  check_dtype(t, name);
+  if (t == c10::ScalarType::Float) return GemmPath::kFloat32;
+  if (t == c10::ScalarType::BFloat16 && use_bf16_gemm(op)) return GemmPath::kBf16Gemm;
+  return GemmPath::kFloat32Copies;
+}
 
 Bf16GemmMode bf16_gemm_mode();
 // Sets the override; returns the previous mode.

@@ -1,6 +1,6 @@
-// CUDA helpers: dtype conversion, 16-byte vector access, warp and block reductions.
-// Compiled by a host compiler with -DFF_SIMT_EMULATION, the CUDA built-ins come from the SIMT
-// emulation (simt/simt_emu.h, through simt.cuh).
+// CUDA helpers: the dtype switch over device types, dtype conversion, 16-byte vector access, warp
+// and block reductions. Compiled by a host compiler with -DFF_SIMT_EMULATION, the CUDA built-ins
+// come from the SIMT emulation (simt/simt_emu.h, through simt.cuh).
 #pragma once
 #ifdef FF_SIMT_EMULATION
 #include "simt/simt.cuh"
@@ -11,7 +11,33 @@
 #include <c10/cuda/CUDAException.h>
 #endif
 
+#include "common/dtype.h"
+
 namespace ff::cuda {
+
+// The device type the kernels use for a CPU element type: __half for c10::Half, __nv_bfloat16 for
+// c10::BFloat16, float for float.
+template <typename T>
+struct DeviceType {
+  using type = T;
+};
+template <>
+struct DeviceType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// common/dtype.h's visit_dtype, calling f(TypeTag<T>{}) with the device type T (float, __half,
+// __nv_bfloat16) of dtype t among Set's; a TypeError naming op otherwise. Host code.
+template <typename Set = FloatDtypes, typename F>
+decltype(auto) visit_device_dtype(c10::ScalarType t, const char* op, F&& f) {
+  return visit_dtype<Set>(t, op, [&]<typename T>(TypeTag<T>) -> decltype(auto) {
+    return f(TypeTag<typename DeviceType<T>::type>{});
+  });
+}
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }

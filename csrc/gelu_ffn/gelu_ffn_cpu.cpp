@@ -35,11 +35,13 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu.h"
 #include "common/cpu_gemm.h"
 #include "common/cpu_kernels.h"
+#include "common/dtype.h"
 #include "gelu_ffn/gelu_ffn.h"
 
 namespace ff::gelu_ffn {
@@ -196,115 +198,47 @@ at::Tensor scratch(int64_t n, at::ScalarType dtype = at::kFloat) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// forward (float32)
+// The element-wise passes between the GEMMs, per dtype: float32 rows in place; bfloat16 rows (the
+// path with bf16 GEMMs, on CPUs with bf16 dot-product instructions; forced anywhere for tests)
+// read into float32 row buffers, through the same float32 row functions, and rounded once.
+// Rounded to bfloat16 (as eager PyTorch and the reference): pre, g, y, dz, dg, dpre and the weight
+// gradients; in float32: the GELU and its derivative, the bias-gradient sums.
 // ---------------------------------------------------------------------------------------------
-void forward_f32(const FwdArgs& a) {
-  const int64_t M = a.x.size(0), F = a.w1.size(0), C2 = a.w2.size(0);
-  const int64_t R = block_rows(M, F);
+// pre += b1 (float32 adds the bias here), g = gelu(pre), for the rows of a block.
+void bias_gelu_pass(const FwdArgs& a, float* pre_p, float* g_p, int64_t rows) {
+  const int64_t F = a.w1.size(0);
   const float* b1 = ptr_or_null(a.b1);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) bias_gelu_row(pre_p + i * F, b1, g_p + i * F, F, a.tanh);
+  });
+}
+
+// g = gelu(pre) (b1 went into the GEMM).
+void bias_gelu_pass(const FwdArgs& a, const BF16* pre_p, BF16* g_p, int64_t rows) {
+  const int64_t F = a.w1.size(0);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
+    std::vector<float> u(F), gv(F);
+    for (int64_t i = i0; i < i1; ++i) {
+      bf16_to_f32(pre_p + i * F, u.data(), F);
+      bias_gelu_row(u.data(), nullptr, gv.data(), F, a.tanh);
+      f32_to_bf16(gv.data(), g_p + i * F, F);
+    }
+  });
+}
+
+// y = (y + b2) * Z for the rows r0 .. r0 + rows - 1 (nothing to do without a b2 or dropout).
+void bias_dropout_pass(const FwdArgs& a, float* y_p, int64_t r0, int64_t rows) {
+  const int64_t C2 = a.w2.size(0);
   const float* b2 = ptr_or_null(a.b2);
-  at::Tensor g = scratch(R * F).view({R, F});
-  const at::Tensor w1t = a.w1.t(), w2t = a.w2.t();
-
-  for (int64_t r0 = 0; r0 < M; r0 += R) {
-    const int64_t rows = std::min(R, M - r0);
-    at::Tensor pre_b = a.pre.narrow(0, r0, rows), g_b = g.narrow(0, 0, rows), y_b = a.y.narrow(0, r0, rows);
-    at::mm_out(pre_b, a.x.narrow(0, r0, rows), w1t);
-    float* pre_p = pre_b.data_ptr<float>();
-    float* g_p = g_b.data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) bias_gelu_row(pre_p + i * F, b1, g_p + i * F, F, a.tanh);
-    });
-    at::mm_out(y_b, g_b, w2t);
-    if (!b2 && !a.dropout.enabled) continue;
-    float* y_p = y_b.data_ptr<float>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / C2), [&](int64_t i0, int64_t i1) {
-      std::vector<float> z(a.dropout.enabled ? C2 : 0);
-      for (int64_t i = i0; i < i1; ++i) {
-        if (a.dropout.enabled) dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2), z.data(), C2);
-        bias_scale_row(y_p + i * C2, b2, a.dropout.enabled ? z.data() : nullptr, C2);
-      }
-    });
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// backward (float32)
-// ---------------------------------------------------------------------------------------------
-void backward_f32(const BwdArgs& a) {
-  const int64_t M = a.x.size(0), F = a.w1.size(0), C2 = a.w2.size(0);
-  const int64_t R = block_rows(M, F);
-  const bool dropout = a.dropout.enabled;
-  at::Tensor dz = dropout ? at::empty({R, C2}, a.dy.options()) : at::Tensor();
-  at::Tensor work = scratch(2 * R * F);  // dg (then dpre) and g
-  at::Tensor dg = work.narrow(0, 0, R * F).view({R, F});
-  at::Tensor g = work.narrow(0, R * F, R * F).view({R, F});
-  std::vector<float> db1(a.db1.defined() ? F : 0, 0.f), db2(a.db2.defined() ? C2 : 0, 0.f);
-  at::Tensor dw1 = a.dw1, dw2 = a.dw2;
-
-  for (int64_t r0 = 0; r0 < M; r0 += R) {
-    const int64_t rows = std::min(R, M - r0);
-    const at::Tensor dy_b = a.dy.narrow(0, r0, rows);
-    const at::Tensor dz_b = dropout ? dz.narrow(0, 0, rows) : dy_b;
-    at::Tensor dg_b = dg.narrow(0, 0, rows), g_b = g.narrow(0, 0, rows);
-
-    // dz = dy * Z and db2 += colsum(dz): columns split over threads, rows summed in order.
-    if (dropout || !db2.empty()) {
-      const float* dy_p = dy_b.data_ptr<float>();
-      float* dz_p = dropout ? dz_b.data_ptr<float>() : nullptr;
-      at::parallel_for(0, C2, column_grain(C2), [&](int64_t c0, int64_t c1) {
-        const int64_t n = c1 - c0;
-        std::vector<float> z(dropout ? n : 0);
-        for (int64_t i = 0; i < rows; ++i) {
-          const float* row = dy_p + i * C2 + c0;
-          if (dropout) {
-            dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2 + c0), z.data(), n);
-            scale_row(row, z.data(), dz_p + i * C2 + c0, n);
-            row = dz_p + i * C2 + c0;
-          }
-          if (!db2.empty()) accumulate_row(db2.data() + c0, row, n);
-        }
-      });
+  if (!b2 && !a.dropout.enabled) return;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / C2), [&](int64_t i0, int64_t i1) {
+    std::vector<float> z(a.dropout.enabled ? C2 : 0);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (a.dropout.enabled) dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2), z.data(), C2);
+      bias_scale_row(y_p + i * C2, b2, a.dropout.enabled ? z.data() : nullptr, C2);
     }
-
-    // dg = dz w2; then one pass: g = gelu(pre), dpre = dg * gelu'(pre) over dg, db1 += colsum(dpre).
-    at::mm_out(dg_b, dz_b, a.w2);
-    const float* pre_p = a.pre.data_ptr<float>() + r0 * F;
-    float* dg_p = dg_b.data_ptr<float>();
-    float* g_p = g_b.data_ptr<float>();
-    at::parallel_for(0, F, column_grain(F), [&](int64_t f0, int64_t f1) {
-      const int64_t n = f1 - f0;
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t at = i * F + f0;
-        gelu_bwd_row(pre_p + at, dg_p + at, g_p + at, n, a.tanh);
-        if (!db1.empty()) accumulate_row(db1.data() + f0, dg_p + at, n);
-      }
-    });
-
-    // dw2 += dz^T g, dw1 += dpre^T x, dx = dpre w1.
-    const at::Tensor x_b = a.x.narrow(0, r0, rows);
-    if (r0 == 0) {
-      at::mm_out(dw2, dz_b.t(), g_b);
-      at::mm_out(dw1, dg_b.t(), x_b);
-    } else {
-      dw2.addmm_(dz_b.t(), g_b);
-      dw1.addmm_(dg_b.t(), x_b);
-    }
-    at::Tensor dx_b = a.dx.narrow(0, r0, rows);
-    at::mm_out(dx_b, dg_b, a.w1);
-  }
-  if (!db1.empty()) std::copy(db1.begin(), db1.end(), a.db1.data_ptr<float>());
-  if (!db2.empty()) std::copy(db2.begin(), db2.end(), a.db2.data_ptr<float>());
+  });
 }
-
-// ---------------------------------------------------------------------------------------------
-// bfloat16 with bfloat16 GEMMs (CPUs with bf16 dot-product instructions; forced anywhere for tests)
-// ---------------------------------------------------------------------------------------------
-// The GEMMs are torch's on the bfloat16 tensors: at::addmm puts the bias into the GEMM (one
-// rounding, as F.linear), at::mm_out / addmm_ write straight into the outputs. The element-wise
-// passes read bfloat16 rows into float32 row buffers, run the float32 row functions above and round
-// once. Rounded to bfloat16 (as eager PyTorch and the reference): pre, g, y, dz, dg, dpre and the
-// weight gradients; in float32: the GELU and its derivative, the bias-gradient sums.
 
 // y = y * z for a bfloat16 row, through the float32 buffer u.
 void scale_row_bf16(BF16* y, const float* z, float* u, int64_t n) {
@@ -313,48 +247,142 @@ void scale_row_bf16(BF16* y, const float* z, float* u, int64_t n) {
   f32_to_bf16(u, y, n);
 }
 
-void forward_bf16(const FwdArgs& a) {
-  const int64_t M = a.x.size(0), F = a.w1.size(0), C2 = a.w2.size(0);
-  const int64_t R = block_rows(M, F, sizeof(BF16));
-  at::Tensor g = scratch(R * F, at::kBFloat16).view({R, F});
-  const at::Tensor w1t = a.w1.t(), w2t = a.w2.t();
+// y = y * Z (b2 went into the GEMM).
+void bias_dropout_pass(const FwdArgs& a, BF16* y_p, int64_t r0, int64_t rows) {
+  const int64_t C2 = a.w2.size(0);
+  if (!a.dropout.enabled) return;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / C2), [&](int64_t i0, int64_t i1) {
+    std::vector<float> z(C2), u(C2);
+    for (int64_t i = i0; i < i1; ++i) {
+      dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2), z.data(), C2);
+      scale_row_bf16(y_p + i * C2, z.data(), u.data(), C2);
+    }
+  });
+}
+
+// dz = dy * Z (dz_p null without dropout) and db2 += colsum(dz) (db2 empty: not asked for), for the
+// rows r0 .. r0 + rows - 1: columns split over threads, rows summed in order.
+void dropout_db2_pass(const BwdArgs& a, const float* dy_p, float* dz_p, std::vector<float>& db2, int64_t r0,
+                      int64_t rows) {
+  const int64_t C2 = a.w2.size(0);
+  const bool dropout = a.dropout.enabled;
+  at::parallel_for(0, C2, column_grain(C2), [&](int64_t c0, int64_t c1) {
+    const int64_t n = c1 - c0;
+    std::vector<float> z(dropout ? n : 0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* row = dy_p + i * C2 + c0;
+      if (dropout) {
+        dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2 + c0), z.data(), n);
+        scale_row(row, z.data(), dz_p + i * C2 + c0, n);
+        row = dz_p + i * C2 + c0;
+      }
+      if (!db2.empty()) accumulate_row(db2.data() + c0, row, n);
+    }
+  });
+}
+
+// The same for bfloat16: dz rounded, db2 summed over the float32 values.
+void dropout_db2_pass(const BwdArgs& a, const BF16* dy_p, BF16* dz_p, std::vector<float>& db2, int64_t r0,
+                      int64_t rows) {
+  const int64_t C2 = a.w2.size(0);
+  const bool dropout = a.dropout.enabled;
+  at::parallel_for(0, C2, column_grain(C2), [&](int64_t c0, int64_t c1) {
+    const int64_t n = c1 - c0;
+    std::vector<float> z(dropout ? n : 0), u(n);
+    for (int64_t i = 0; i < rows; ++i) {
+      bf16_to_f32(dy_p + i * C2 + c0, u.data(), n);
+      if (dropout) {
+        dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2 + c0), z.data(), n);
+        scale_row(u.data(), z.data(), u.data(), n);
+        f32_to_bf16(u.data(), dz_p + i * C2 + c0, n);
+      }
+      if (!db2.empty()) accumulate_row(db2.data() + c0, u.data(), n);
+    }
+  });
+}
+
+// g = gelu(pre), dpre = dg * gelu'(pre) over dg, db1 += colsum(dpre) (db1 empty: not asked for),
+// for the rows of a block: columns split over threads, rows summed in order.
+void gelu_grad_pass(const BwdArgs& a, const float* pre_p, float* dg_p, float* g_p, std::vector<float>& db1,
+                    int64_t rows) {
+  const int64_t F = a.w1.size(0);
+  at::parallel_for(0, F, column_grain(F), [&](int64_t f0, int64_t f1) {
+    const int64_t n = f1 - f0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t at = i * F + f0;
+      gelu_bwd_row(pre_p + at, dg_p + at, g_p + at, n, a.tanh);
+      if (!db1.empty()) accumulate_row(db1.data() + f0, dg_p + at, n);
+    }
+  });
+}
+
+// The same for bfloat16 (dpre and g rounded), rows over threads: each thread streams whole rows,
+// and sums its rows' dpre into its own db1 row, added up in thread order at the end (column ranges
+// per thread cost 1.3x here, 4096 x 1536).
+void gelu_grad_pass(const BwdArgs& a, const BF16* pre_p, BF16* dg_p, BF16* g_p, std::vector<float>& db1,
+                    int64_t rows) {
+  const int64_t F = a.w1.size(0);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<float> db1_part(db1.empty() ? 0 : threads * F, 0.f);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
+    std::vector<float> u(F), d(F), gv(F);
+    float* acc = db1.empty() ? nullptr : db1_part.data() + at::get_thread_num() * F;
+    for (int64_t i = i0; i < i1; ++i) {
+      bf16_to_f32(pre_p + i * F, u.data(), F);
+      bf16_to_f32(dg_p + i * F, d.data(), F);
+      gelu_bwd_row(u.data(), d.data(), gv.data(), F, a.tanh);
+      if (acc) accumulate_row(acc, d.data(), F);
+      f32_to_bf16(d.data(), dg_p + i * F, F);
+      f32_to_bf16(gv.data(), g_p + i * F, F);
+    }
+  });
+  for (int64_t t = 0; t < (db1.empty() ? 0 : threads); ++t) accumulate_row(db1.data(), db1_part.data() + t * F, F);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward and backward: the GEMMs and the loop over row blocks, for T = float and for T = BF16
+// with bfloat16 GEMMs. The GEMMs are torch's on the T tensors (at::mm_out / addmm_ straight into
+// the outputs); float32 adds the biases in the passes after its GEMMs, bfloat16 inside them
+// (at::addmm: one rounding, as F.linear).
+// ---------------------------------------------------------------------------------------------
+// out = x wt, + bias inside the GEMM when bias is defined.
+void linear_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias) {
+  if (bias.defined()) at::addmm_out(out, bias, x, wt);
+  else at::mm_out(out, x, wt);
+}
+
+template <typename T>
+void forward(const FwdArgs& a) {
+  constexpr bool kBiasInGemm = !std::is_same_v<T, float>;
+  const int64_t M = a.x.size(0), F = a.w1.size(0);
+  const int64_t R = block_rows(M, F, sizeof(T));
+  at::Tensor g = scratch(R * F, DtypeOf<T>::value).view({R, F});
+  const at::Tensor w1t = a.w1.t(), w2t = a.w2.t(), none;
 
   for (int64_t r0 = 0; r0 < M; r0 += R) {
     const int64_t rows = std::min(R, M - r0);
     at::Tensor pre_b = a.pre.narrow(0, r0, rows), g_b = g.narrow(0, 0, rows), y_b = a.y.narrow(0, r0, rows);
-    const at::Tensor x_b = a.x.narrow(0, r0, rows);
-    if (a.b1.defined()) at::addmm_out(pre_b, a.b1, x_b, w1t);
-    else at::mm_out(pre_b, x_b, w1t);
-    const BF16* pre_p = pre_b.data_ptr<BF16>();
-    BF16* g_p = g_b.data_ptr<BF16>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
-      std::vector<float> u(F), gv(F);
-      for (int64_t i = i0; i < i1; ++i) {
-        bf16_to_f32(pre_p + i * F, u.data(), F);
-        bias_gelu_row(u.data(), nullptr, gv.data(), F, a.tanh);
-        f32_to_bf16(gv.data(), g_p + i * F, F);
-      }
-    });
-    if (a.b2.defined()) at::addmm_out(y_b, a.b2, g_b, w2t);
-    else at::mm_out(y_b, g_b, w2t);
-    if (!a.dropout.enabled) continue;
-    BF16* y_p = y_b.data_ptr<BF16>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / C2), [&](int64_t i0, int64_t i1) {
-      std::vector<float> z(C2), u(C2);
-      for (int64_t i = i0; i < i1; ++i) {
-        dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2), z.data(), C2);
-        scale_row_bf16(y_p + i * C2, z.data(), u.data(), C2);
-      }
-    });
+    linear_out(pre_b, a.x.narrow(0, r0, rows), w1t, kBiasInGemm ? a.b1 : none);
+    bias_gelu_pass(a, pre_b.data_ptr<T>(), g_b.data_ptr<T>(), rows);
+    linear_out(y_b, g_b, w2t, kBiasInGemm ? a.b2 : none);
+    bias_dropout_pass(a, y_b.data_ptr<T>(), r0, rows);
   }
 }
 
-void backward_bf16(const BwdArgs& a) {
+// The bias gradient summed in float32 (sum) into its output, rounded to the output's dtype; nothing
+// when it was not asked for (sum empty).
+void store_bias_grad(const at::Tensor& out, std::vector<float>& sum) {
+  if (sum.empty()) return;
+  out.copy_(at::from_blob(sum.data(), {static_cast<int64_t>(sum.size())}, at::TensorOptions().dtype(at::kFloat)));
+}
+
+template <typename T>
+void backward(const BwdArgs& a) {
   const int64_t M = a.x.size(0), F = a.w1.size(0), C2 = a.w2.size(0);
-  const int64_t R = block_rows(M, F, sizeof(BF16));
+  const int64_t R = block_rows(M, F, sizeof(T));
   const bool dropout = a.dropout.enabled;
   at::Tensor dz = dropout ? at::empty({R, C2}, a.dy.options()) : at::Tensor();
-  at::Tensor work = scratch(2 * R * F, at::kBFloat16);  // dg (then dpre) and g
+  at::Tensor work = scratch(2 * R * F, DtypeOf<T>::value);  // dg (then dpre) and g
   at::Tensor dg = work.narrow(0, 0, R * F).view({R, F});
   at::Tensor g = work.narrow(0, R * F, R * F).view({R, F});
   std::vector<float> db1(a.db1.defined() ? F : 0, 0.f), db2(a.db2.defined() ? C2 : 0, 0.f);
@@ -366,49 +394,13 @@ void backward_bf16(const BwdArgs& a) {
     const at::Tensor dz_b = dropout ? dz.narrow(0, 0, rows) : dy_b;
     at::Tensor dg_b = dg.narrow(0, 0, rows), g_b = g.narrow(0, 0, rows);
 
-    // dz = dy * Z (rounded) and db2 += colsum(dz) (of the float32 values): columns over threads.
-    if (dropout || !db2.empty()) {
-      const BF16* dy_p = dy_b.data_ptr<BF16>();
-      BF16* dz_p = dropout ? dz_b.data_ptr<BF16>() : nullptr;
-      at::parallel_for(0, C2, column_grain(C2), [&](int64_t c0, int64_t c1) {
-        const int64_t n = c1 - c0;
-        std::vector<float> z(dropout ? n : 0), u(n);
-        for (int64_t i = 0; i < rows; ++i) {
-          bf16_to_f32(dy_p + i * C2 + c0, u.data(), n);
-          if (dropout) {
-            dropout_row(a.dropout, static_cast<uint64_t>((r0 + i) * C2 + c0), z.data(), n);
-            scale_row(u.data(), z.data(), u.data(), n);
-            f32_to_bf16(u.data(), dz_p + i * C2 + c0, n);
-          }
-          if (!db2.empty()) accumulate_row(db2.data() + c0, u.data(), n);
-        }
-      });
-    }
-
-    // dg = dz w2; then g = gelu(pre), dpre = dg * gelu'(pre) over dg (rounded), db1 += colsum(dpre).
+    if (dropout || !db2.empty())
+      dropout_db2_pass(a, dy_b.data_ptr<T>(), dropout ? dz_b.data_ptr<T>() : nullptr, db2, r0, rows);
+    // dg = dz w2, then dpre over dg (and g).
     at::mm_out(dg_b, dz_b, a.w2);
-    const BF16* pre_p = a.pre.data_ptr<BF16>() + r0 * F;
-    BF16* dg_p = dg_b.data_ptr<BF16>();
-    BF16* g_p = g_b.data_ptr<BF16>();
-    // Rows over threads: each thread streams whole rows, and sums its rows' dpre into its own db1
-    // row, added up in thread order below (column ranges per thread cost 1.3x here, 4096 x 1536).
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    std::vector<float> db1_part(db1.empty() ? 0 : threads * F, 0.f);
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / F), [&](int64_t i0, int64_t i1) {
-      std::vector<float> u(F), d(F), gv(F);
-      float* acc = db1.empty() ? nullptr : db1_part.data() + at::get_thread_num() * F;
-      for (int64_t i = i0; i < i1; ++i) {
-        bf16_to_f32(pre_p + i * F, u.data(), F);
-        bf16_to_f32(dg_p + i * F, d.data(), F);
-        gelu_bwd_row(u.data(), d.data(), gv.data(), F, a.tanh);
-        if (acc) accumulate_row(acc, d.data(), F);
-        f32_to_bf16(d.data(), dg_p + i * F, F);
-        f32_to_bf16(gv.data(), g_p + i * F, F);
-      }
-    });
-    for (int64_t t = 0; t < (db1.empty() ? 0 : threads); ++t) accumulate_row(db1.data(), db1_part.data() + t * F, F);
+    gelu_grad_pass(a, a.pre.data_ptr<T>() + r0 * F, dg_b.data_ptr<T>(), g_b.data_ptr<T>(), db1, rows);
 
-    // dw2 += dz^T g, dw1 += dpre^T x (one rounding per row block), dx = dpre w1.
+    // dw2 += dz^T g, dw1 += dpre^T x (bfloat16: one rounding per row block), dx = dpre w1.
     const at::Tensor x_b = a.x.narrow(0, r0, rows);
     if (r0 == 0) {
       at::mm_out(dw2, dz_b.t(), g_b);
@@ -420,9 +412,8 @@ void backward_bf16(const BwdArgs& a) {
     at::Tensor dx_b = a.dx.narrow(0, r0, rows);
     at::mm_out(dx_b, dg_b, a.w1);
   }
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  if (!db1.empty()) a.db1.copy_(at::from_blob(db1.data(), {F}, f32));
-  if (!db2.empty()) a.db2.copy_(at::from_blob(db2.data(), {C2}, f32));
+  store_bias_grad(a.db1, db1);
+  store_bias_grad(a.db2, db2);
 }
 
 // float32 copy of a tensor (undefined stays undefined).
@@ -437,33 +428,30 @@ void copy_out(const at::Tensor& dst, const at::Tensor& src) {
 
 }  // namespace
 
-// Low precision: bfloat16 takes bf16 GEMMs where common/cpu_gemm.h says the CPU runs them fast.
-// Otherwise (and float16 always) the float32 kernels run on float32 copies and the outputs are
-// rounded once: on CPUs without bf16 / fp16 dot-product instructions torch's low-precision GEMM is
-// several times slower than its float32 one (measured: 4x for bfloat16 on an AVX-512 Xeon, 10x on
-// an AVX2 EPYC), and the result is closer to the float64 reference than a low-precision GEMM chain.
+// Low precision (common/cpu_gemm.h: gemm_path, the same rule as attention's): bfloat16 takes bf16
+// GEMMs where the CPU runs them fast. Otherwise (and float16 always) the float32 kernels run on
+// float32 copies and the outputs are rounded once: on CPUs without bf16 / fp16 dot-product
+// instructions torch's low-precision GEMM is several times slower than its float32 one (measured:
+// 4x for bfloat16 on an AVX-512 Xeon, 10x on an AVX2 EPYC), and the result is closer to the float64
+// reference than a low-precision GEMM chain.
 void fwd_cpu(const FwdArgs& a) {
-  if (a.x.scalar_type() == at::kFloat) return forward_f32(a);
-  if (a.x.scalar_type() == at::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kGeluFfn))
-    return forward_bf16(a);
-  TORCH_CHECK_TYPE(a.x.scalar_type() == at::kBFloat16 || a.x.scalar_type() == at::kHalf,
-                   "gelu_ffn: unsupported dtype ", a.x.scalar_type());
+  const cpu::GemmPath path = cpu::gemm_path(a.x.scalar_type(), cpu::GemmOp::kGeluFfn, "gelu_ffn (cpu)");
+  if (path == cpu::GemmPath::kFloat32) return forward<float>(a);
+  if (path == cpu::GemmPath::kBf16Gemm) return forward<BF16>(a);
   FwdArgs f{f32(a.x), f32(a.w1), f32(a.b1), f32(a.w2), f32(a.b2), f32_like(a.y), f32_like(a.pre), a.tanh, a.dropout};
-  forward_f32(f);
+  forward<float>(f);
   copy_out(a.y, f.y);
   copy_out(a.pre, f.pre);
 }
 
 void bwd_cpu(const BwdArgs& a) {
-  if (a.x.scalar_type() == at::kFloat) return backward_f32(a);
-  if (a.x.scalar_type() == at::kBFloat16 && ff::cpu::use_bf16_gemm(ff::cpu::GemmOp::kGeluFfn))
-    return backward_bf16(a);
-  TORCH_CHECK_TYPE(a.x.scalar_type() == at::kBFloat16 || a.x.scalar_type() == at::kHalf,
-                   "gelu_ffn: unsupported dtype ", a.x.scalar_type());
+  const cpu::GemmPath path = cpu::gemm_path(a.x.scalar_type(), cpu::GemmOp::kGeluFfn, "gelu_ffn (cpu)");
+  if (path == cpu::GemmPath::kFloat32) return backward<float>(a);
+  if (path == cpu::GemmPath::kBf16Gemm) return backward<BF16>(a);
   BwdArgs f{f32(a.dy),         f32(a.x),          f32(a.w1),          f32(a.w2), f32(a.pre),
             f32_like(a.dx),    f32_like(a.dw1),   f32_like(a.db1),    f32_like(a.dw2),
             f32_like(a.db2),   a.tanh,            a.dropout};
-  backward_f32(f);
+  backward<float>(f);
   copy_out(a.dx, f.dx);
   copy_out(a.dw1, f.dw1);
   copy_out(a.db1, f.db1);

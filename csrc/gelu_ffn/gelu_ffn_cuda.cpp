@@ -24,25 +24,19 @@ const void* cptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : null
 void* mptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 float* fptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-bool is_bf16(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "gelu_ffn (cuda): float16 or bfloat16 expected, got ", x.scalar_type());
-  return x.scalar_type() == at::kBFloat16;
-}
-
 }  // namespace
 
 void forward(const FwdArgs& a, const Launch& l) {
-  const bool bf16 = is_bf16(a.x);
+  const c10::ScalarType dtype = a.x.scalar_type();  // checked where the launchers dispatch
   const int64_t M = a.x.size(0);
   const int C = static_cast<int>(a.x.size(1)), F = static_cast<int>(a.w1.size(0)), C2 = static_cast<int>(a.w2.size(0));
   const at::Tensor g = at::empty({M, F}, a.x.options());
-  gemm_bias_gelu(bf16, cptr(a.x), cptr(a.w1), cptr(a.b1), mptr(a.pre), mptr(g), M, F, C, a.tanh, l);
-  gemm_bias_dropout(bf16, cptr(g), cptr(a.w2), cptr(a.b2), mptr(a.y), M, C2, F, a.dropout, l);
+  gemm_bias_gelu(dtype, cptr(a.x), cptr(a.w1), cptr(a.b1), mptr(a.pre), mptr(g), M, F, C, a.tanh, l);
+  gemm_bias_dropout(dtype, cptr(g), cptr(a.w2), cptr(a.b2), mptr(a.y), M, C2, F, a.dropout, l);
 }
 
 void backward(const BwdArgs& a, const Launch& l) {
-  const bool bf16 = is_bf16(a.x);
+  const c10::ScalarType dtype = a.x.scalar_type();  // checked where the launchers dispatch
   const int64_t M = a.x.size(0);
   const int F = static_cast<int>(a.w1.size(0)), C2 = static_cast<int>(a.w2.size(0));
   const at::TensorOptions f32 = a.x.options().dtype(at::kFloat);
@@ -54,9 +48,9 @@ void backward(const BwdArgs& a, const Launch& l) {
     const int64_t chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
     if (a.dropout.enabled) dz = at::empty({M, C2}, a.x.options());
     const at::Tensor partial = a.db2.defined() ? at::empty({chunks, C2}, f32) : at::Tensor();
-    dropout_colsum(bf16, cptr(a.dy), a.dropout.enabled ? mptr(dz) : nullptr, fptr(partial), M, C2, chunks,
+    dropout_colsum(dtype, cptr(a.dy), a.dropout.enabled ? mptr(dz) : nullptr, fptr(partial), M, C2, chunks,
                    rows_per_chunk, a.dropout, l.stream);
-    if (a.db2.defined()) colsum_reduce(bf16, fptr(partial), chunks, C2, mptr(a.db2), l.stream);
+    if (a.db2.defined()) colsum_reduce(dtype, fptr(partial), chunks, C2, mptr(a.db2), l.stream);
   }
 
   // dpre, g = dgelu(dz w2) and the db1 partials (one row per CTA row tile).
@@ -64,8 +58,8 @@ void backward(const BwdArgs& a, const Launch& l) {
   const at::Tensor g = at::empty({M, F}, a.x.options());
   const int64_t tiles = gemm_tiles_m(M, F, l);
   const at::Tensor partial = a.db1.defined() ? at::empty({tiles, F}, f32) : at::Tensor();
-  gemm_dgelu(bf16, cptr(dz), cptr(a.w2), cptr(a.pre), mptr(dpre), mptr(g), fptr(partial), M, F, C2, a.tanh, l);
-  if (a.db1.defined()) colsum_reduce(bf16, fptr(partial), tiles, F, mptr(a.db1), l.stream);
+  gemm_dgelu(dtype, cptr(dz), cptr(a.w2), cptr(a.pre), mptr(dpre), mptr(g), fptr(partial), M, F, C2, a.tanh, l);
+  if (a.db1.defined()) colsum_reduce(dtype, fptr(partial), tiles, F, mptr(a.db1), l.stream);
 
   // The GEMMs without an epilogue: cuBLAS, straight into the outputs.
   at::Tensor dw2 = a.dw2, dw1 = a.dw1, dx = a.dx;

@@ -1,8 +1,10 @@
 // gelu_ffn on CUDA: the launchers the host code (gelu_ffn_cuda.cpp) calls, with raw pointers and no
 // ATen, so the nvcc-compiled files (gelu_ffn_cuda_fwd.cu / _bwd.cu, kernels in gelu_ffn_cuda.cuh)
-// never parse ATen's headers (about 40 s of nvcc time per file and architecture). `bf16` selects
-// bfloat16, else float16. The same declarations serve the SIMT emulation (FF_SIMT_EMULATION).
+// never parse ATen's headers (about 40 s of nvcc time per file and architecture). `dtype` is x's,
+// float16 or bfloat16 (the launchers dispatch on it: common/cuda_utils.cuh, visit_device_dtype).
+// The same declarations serve the SIMT emulation (FF_SIMT_EMULATION).
 #pragma once
+#include <c10/core/ScalarType.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -40,20 +42,20 @@ inline int64_t gemm_tiles_m(int64_t M, int N, const Launch& l) {
 }
 
 // pre = x w1^T + b1, g = gelu(pre): x (M, C), w1 (F, C), b1 (F,) or null, pre / g (M, F).
-void gemm_bias_gelu(bool bf16, const void* x, const void* w1, const void* b1, void* pre, void* g, int64_t M, int F,
-                    int C, bool tanh, const Launch& l);
+void gemm_bias_gelu(c10::ScalarType dtype, const void* x, const void* w1, const void* b1, void* pre, void* g,
+                    int64_t M, int F, int C, bool tanh, const Launch& l);
 // y = (g w2^T + b2) * Z: g (M, F), w2 (C2, F), b2 (C2,) or null, y (M, C2).
-void gemm_bias_dropout(bool bf16, const void* g, const void* w2, const void* b2, void* y, int64_t M, int C2, int F,
-                       const DropoutParams& dropout, const Launch& l);
+void gemm_bias_dropout(c10::ScalarType dtype, const void* g, const void* w2, const void* b2, void* y, int64_t M,
+                       int C2, int F, const DropoutParams& dropout, const Launch& l);
 // dz = dy * Z (dz null: not stored) and column sums of dz per chunk of rows (partial null: none).
-void dropout_colsum(bool bf16, const void* dy, void* dz, float* partial, int64_t M, int N, int64_t chunks,
-                    int64_t rows_per_chunk, const DropoutParams& dropout, cudaStream_t stream);
+void dropout_colsum(c10::ScalarType dtype, const void* dy, void* dz, float* partial, int64_t M, int N,
+                    int64_t chunks, int64_t rows_per_chunk, const DropoutParams& dropout, cudaStream_t stream);
 // dpre = (dz w2) * gelu'(pre), g = gelu(pre), per-tile column sums of dpre (partial null: none):
 // dz (M, C2), w2 (C2, F), pre / dpre / g (M, F), partial (gemm_tiles_m(M, F), F).
-void gemm_dgelu(bool bf16, const void* dz, const void* w2, const void* pre, void* dpre, void* g, float* partial,
-                int64_t M, int F, int C2, bool tanh, const Launch& l);
+void gemm_dgelu(c10::ScalarType dtype, const void* dz, const void* w2, const void* pre, void* dpre, void* g,
+                float* partial, int64_t M, int F, int C2, bool tanh, const Launch& l);
 // out (N,) = sum over the rows of partial (rows, N), in order.
-void colsum_reduce(bool bf16, const float* partial, int64_t rows, int N, void* out, cudaStream_t stream);
+void colsum_reduce(c10::ScalarType dtype, const float* partial, int64_t rows, int N, void* out, cudaStream_t stream);
 
 // The whole forward / backward (gelu_ffn_cuda.cpp): workspaces, the launches above, cuBLAS GEMMs.
 void forward(const FwdArgs& a, const Launch& l);

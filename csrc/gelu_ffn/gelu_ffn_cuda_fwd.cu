@@ -22,22 +22,18 @@ void bias_dropout(const void* g, const void* w2, const void* b2, void* y, int64_
 
 }  // namespace
 
-void gemm_bias_gelu(bool bf16, const void* x, const void* w1, const void* b1, void* pre, void* g, int64_t M, int F,
-                    int C, bool tanh, const Launch& l) {
-  if (bf16) {
-    bias_gelu<__nv_bfloat16>(x, w1, b1, pre, g, M, F, C, tanh, l);
-  } else {
-    bias_gelu<__half>(x, w1, b1, pre, g, M, F, C, tanh, l);
-  }
+void gemm_bias_gelu(c10::ScalarType dtype, const void* x, const void* w1, const void* b1, void* pre, void* g,
+                    int64_t M, int F, int C, bool tanh, const Launch& l) {
+  ff::cuda::visit_device_dtype<LowPrecisionDtypes>(dtype, "gelu_ffn (cuda)", [&]<typename T>(TypeTag<T>) {
+    bias_gelu<T>(x, w1, b1, pre, g, M, F, C, tanh, l);
+  });
 }
 
-void gemm_bias_dropout(bool bf16, const void* g, const void* w2, const void* b2, void* y, int64_t M, int C2, int F,
-                       const DropoutParams& dropout, const Launch& l) {
-  if (bf16) {
-    bias_dropout<__nv_bfloat16>(g, w2, b2, y, M, C2, F, dropout, l);
-  } else {
-    bias_dropout<__half>(g, w2, b2, y, M, C2, F, dropout, l);
-  }
+void gemm_bias_dropout(c10::ScalarType dtype, const void* g, const void* w2, const void* b2, void* y, int64_t M,
+                       int C2, int F, const DropoutParams& dropout, const Launch& l) {
+  ff::cuda::visit_device_dtype<LowPrecisionDtypes>(dtype, "gelu_ffn (cuda)", [&]<typename T>(TypeTag<T>) {
+    bias_dropout<T>(g, w2, b2, y, M, C2, F, dropout, l);
+  });
 }
 
 }  // namespace ff::gelu_ffn::cuda

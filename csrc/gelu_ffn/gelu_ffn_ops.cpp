@@ -55,8 +55,7 @@ bool parse_approximate(const char* op, const std::string& approximate) {
 void check_x(const char* op, const Tensor& x) {
   FF_CHECK_ARG(x.defined() && x.dim() == 2 && x.is_contiguous(), op, "x must be a contiguous (M, C) tensor, got ",
                x.sizes());
-  TORCH_CHECK_TYPE(is_fast_dtype(x.scalar_type()), op, "x must be float32, float16 or bfloat16, got ",
-                   x.scalar_type());
+  check_dtype_of(op, "x", x);
   FF_CHECK_ARG(x.size(0) > 0 && x.size(1) > 0, op, "x is empty: ", x.sizes());
 }
 
@@ -70,8 +69,8 @@ void check_dropout(const char* op, double p, int64_t offset) {
 // every build: gelu_ffn_cuda_limits below exposes it to tests/test_limits.py, which compares it
 // with the limits the Python side declares (fusedformer/ops/limits.py).
 void check_cuda_limits(const char* op, c10::ScalarType dtype, int64_t C, int64_t F, int64_t C2) {
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16, op, "x has dtype ", dtype,
-                   "; the CUDA kernels take float16 or bfloat16");
+  TORCH_CHECK_TYPE(LowPrecisionDtypes::contains(dtype), op, "x has dtype ", dtype, "; the CUDA kernels take ",
+                   LowPrecisionDtypes::names());
   FF_CHECK_ARG(C % 8 == 0 && F % 8 == 0 && C2 % 8 == 0, op,
                "the CUDA kernels need C, F and C2 to be multiples of 8 (16-byte row chunks), got C = ", C,
                ", F = ", F, ", C2 = ", C2);

@@ -13,6 +13,7 @@
 
 #include "common/cpu.h"
 #include "common/cpu_kernels.h"
+#include "common/dtype.h"
 #include "layer_norm/layer_norm.h"
 
 namespace ff::layer_norm {
@@ -235,23 +236,17 @@ FF_CPU_CLONES void row_scale(const float* a, const float* m, float* out, int64_t
 std::vector<float> param_as_float(const void* p, c10::ScalarType t, int64_t n, float fill) {
   std::vector<float> out(n, fill);
   if (p == nullptr) return out;
-  switch (t) {
-    case c10::kFloat: std::copy_n(static_cast<const float*>(p), n, out.data()); break;
-    case c10::kHalf: cpu::load_row(static_cast<const c10::Half*>(p), out.data(), n); break;
-    case c10::kBFloat16: cpu::load_row(static_cast<const c10::BFloat16*>(p), out.data(), n); break;
-    default: TORCH_CHECK(false, "layer_norm: unsupported parameter dtype ", t);
-  }
+  visit_dtype(t, "layer_norm (cpu) weight / bias", [&]<typename W>(TypeTag<W>) {
+    cpu::load_row(static_cast<const W*>(p), out.data(), n);
+  });
   return out;
 }
 
 void store_param(const std::vector<float>& src, void* dst, c10::ScalarType t) {
   const int64_t n = static_cast<int64_t>(src.size());
-  switch (t) {
-    case c10::kFloat: std::copy_n(src.data(), n, static_cast<float*>(dst)); break;
-    case c10::kHalf: cpu::store_row(src.data(), static_cast<c10::Half*>(dst), n); break;
-    case c10::kBFloat16: cpu::store_row(src.data(), static_cast<c10::BFloat16*>(dst), n); break;
-    default: TORCH_CHECK(false, "layer_norm: unsupported parameter dtype ", t);
-  }
+  visit_dtype(t, "layer_norm (cpu) weight / bias", [&]<typename W>(TypeTag<W>) {
+    cpu::store_row(src.data(), static_cast<W*>(dst), n);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,21 +424,11 @@ void backward(const BwdParams& p) {
 }  // namespace
 
 void fwd_cpu(const FwdParams& p) {
-  switch (p.dtype) {
-    case c10::kFloat: forward<float>(p); break;
-    case c10::kHalf: forward<c10::Half>(p); break;
-    case c10::kBFloat16: forward<c10::BFloat16>(p); break;
-    default: TORCH_CHECK_TYPE(false, "layer_norm: unsupported dtype ", p.dtype);
-  }
+  visit_dtype(p.dtype, "layer_norm (cpu)", [&]<typename T>(TypeTag<T>) { forward<T>(p); });
 }
 
 void bwd_cpu(const BwdParams& p) {
-  switch (p.dtype) {
-    case c10::kFloat: backward<float>(p); break;
-    case c10::kHalf: backward<c10::Half>(p); break;
-    case c10::kBFloat16: backward<c10::BFloat16>(p); break;
-    default: TORCH_CHECK_TYPE(false, "layer_norm: unsupported dtype ", p.dtype);
-  }
+  visit_dtype(p.dtype, "layer_norm (cpu)", [&]<typename T>(TypeTag<T>) { backward<T>(p); });
 }
 
 }  // namespace ff::layer_norm

@@ -353,7 +353,8 @@ void launch_bwd(const BwdParams& p, float* partials, const Launch& l) {
   }
 }
 
-// dtype dispatch: T in {float, half, bfloat16}; W (weight / bias) is T or float.
+// dtype dispatch: T is the input's device type (float, __half, __nv_bfloat16: common/cuda_utils.cuh,
+// visit_device_dtype); W (weight / bias) is T or float.
 template <typename T, typename W>
 struct Fwd {
   static void run(const FwdParams& p, const Launch& l) { launch_fwd<T, W>(p, l); }
@@ -370,17 +371,10 @@ void dispatch(const P& p, Args... args) {
     throw std::invalid_argument(std::string("layer_norm (cuda): weight dtype ") + c10::toString(p.wtype) +
                                 " is neither float32 nor the input's " + c10::toString(p.dtype));
   }
-  switch (p.dtype) {
-    case c10::ScalarType::Float: return Fn<float, float>::run(p, args...);
-    case c10::ScalarType::Half:
-      if (wf32) return Fn<__half, float>::run(p, args...);
-      return Fn<__half, __half>::run(p, args...);
-    case c10::ScalarType::BFloat16:
-      if (wf32) return Fn<__nv_bfloat16, float>::run(p, args...);
-      return Fn<__nv_bfloat16, __nv_bfloat16>::run(p, args...);
-    default:
-      throw std::invalid_argument(std::string("layer_norm (cuda): unsupported dtype ") + c10::toString(p.dtype));
-  }
+  ff::cuda::visit_device_dtype(p.dtype, "layer_norm (cuda)", [&]<typename T>(TypeTag<T>) {
+    if (wf32) return Fn<T, float>::run(p, args...);
+    Fn<T, T>::run(p, args...);  // for float32 input, the same Fn<float, float>
+  });
 }
 
 }  // namespace ff::layer_norm::gpu

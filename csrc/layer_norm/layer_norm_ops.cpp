@@ -42,7 +42,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
                                                           int64_t offset, bool rms) {
   constexpr const char* op = "fusedformer_C::layer_norm_fwd: ";
   FF_CHECK_ARG(x.dim() == 2 && x.is_contiguous(), op, "x must be a contiguous (M, N) tensor, got ", x.sizes());
-  TORCH_CHECK_TYPE(is_fast_dtype(x.scalar_type()), op, "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  check_dtype_of(op, "x", x);
   const int64_t M = x.size(0), N = x.size(1);
   FF_CHECK_ARG(M > 0 && N > 0, op, "x is empty: ", x.sizes());
   if (residual.has_value()) {
@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, cons
                                                           bool rms, bool has_bias) {
   constexpr const char* op = "fusedformer_C::layer_norm_bwd: ";
   FF_CHECK_ARG(h.dim() == 2 && h.is_contiguous(), op, "h must be a contiguous (M, N) tensor, got ", h.sizes());
-  TORCH_CHECK_TYPE(is_fast_dtype(h.scalar_type()), op, "h must be float32, float16 or bfloat16, got ", h.scalar_type());
+  check_dtype_of(op, "h", h);
   const int64_t M = h.size(0), N = h.size(1);
   FF_CHECK_ARG(M > 0 && N > 0, op, "h is empty: ", h.sizes());
   check_input(op, "dy", dy, h, 2);

@@ -32,11 +32,9 @@ void fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& att
   p.pb = cuda_problem(q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
   p.out = strided(out);
   p.lse = lse.data_ptr<float>();
-  if (p.pb.dtype == at::kHalf) {
-    gpu::launch_fwd_any<__half>(p, cudaStream_t{});
-  } else {
-    gpu::launch_fwd_any<__nv_bfloat16>(p, cudaStream_t{});
-  }
+  ff::cuda::visit_device_dtype<ff::LowPrecisionDtypes>(p.pb.dtype, "emu_attention", [&]<typename T>(ff::TypeTag<T>) {
+    gpu::launch_fwd_any<T>(p, cudaStream_t{});
+  });
 }
 
 void bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
@@ -50,11 +48,9 @@ void bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, 
   // NaN-filled scratch: the kernels must initialise what they read.
   Tensor delta = at::full({p.pb.B, p.pb.H, p.pb.Sq}, NAN, f32);
   Tensor dq_acc = at::full({p.pb.B, p.pb.H, p.pb.Sq, p.pb.D}, NAN, f32);
-  if (p.pb.dtype == at::kHalf) {
-    gpu::launch_bwd_any<__half>(p, delta.data_ptr<float>(), dq_acc.data_ptr<float>(), cudaStream_t{});
-  } else {
-    gpu::launch_bwd_any<__nv_bfloat16>(p, delta.data_ptr<float>(), dq_acc.data_ptr<float>(), cudaStream_t{});
-  }
+  ff::cuda::visit_device_dtype<ff::LowPrecisionDtypes>(p.pb.dtype, "emu_attention", [&]<typename T>(ff::TypeTag<T>) {
+    gpu::launch_bwd_any<T>(p, delta.data_ptr<float>(), dq_acc.data_ptr<float>(), cudaStream_t{});
+  });
 }
 
 }  // namespace

@@ -58,12 +58,8 @@ void gemm_t(const Tensor& a, const Tensor& b, const Tensor& c, bool nn, const cu
 
 void gemm(const Tensor& a, const Tensor& b, const Tensor& c, bool nn, int64_t tile) {
   const cuda::Launch l = make_launch(tile, 1);
-  if (a.scalar_type() == at::kHalf) {
-    gemm_t<__half>(a, b, c, nn, l);
-  } else {
-    TORCH_CHECK(a.scalar_type() == at::kBFloat16, "float16 or bfloat16");
-    gemm_t<__nv_bfloat16>(a, b, c, nn, l);
-  }
+  ff::cuda::visit_device_dtype<ff::LowPrecisionDtypes>(a.scalar_type(), "emu_gelu_ffn gemm",
+                                                       [&]<typename T>(ff::TypeTag<T>) { gemm_t<T>(a, b, c, nn, l); });
 }
 
 }  // namespace
