@@ -27,14 +27,14 @@ void check_smem(const char* what, size_t need, int64_t d, int64_t dv) {
 }  // namespace
 
 void fwd_cuda(const FwdParams& p) {
-  check_smem("forward", gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv), p.pb.D, p.pb.Dv);
+  check_smem("forward", gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, gpu::mask_elem_bytes(p.pb)), p.pb.D, p.pb.Dv);
   gpu::fwd_launch(p, c10::cuda::getCurrentCUDAStream());
 }
 
 void bwd_cuda(const BwdParams& p) {
   const Problem& pb = p.pb;
-  check_smem(p.deterministic ? "deterministic backward" : "backward", gpu::bwd_smem_bytes(pb.D, pb.Dv, p.deterministic),
-             pb.D, pb.Dv);
+  check_smem(p.deterministic ? "deterministic backward" : "backward",
+             gpu::bwd_smem_bytes(pb.D, pb.Dv, p.deterministic, gpu::mask_elem_bytes(pb)), pb.D, pb.Dv);
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device());
   at::Tensor delta = at::empty({pb.B, pb.H, pb.Sq}, opts);
   // The float32 dQ accumulator of the atomic path (zeroed by the delta kernel).

@@ -18,17 +18,20 @@
 // attn_mask and the key bound are decided per key tile, uniformly for the CTA (TilePath): a tile
 // nothing can hide takes the plain path, whose scores are only scaled; the tiles the causal
 // diagonal, a padding boundary, an attn_mask or the last partial key tile cut take the general path
-// (attention.h's masked_score per element). Key padding is read once per CTA as a key range
+// (attention.h's masked_score per element, attn_mask from a tile in shared memory: MaskTile, in
+// attention_cuda_scores.cuh, copied beside K with cp.async). Key padding is read once per CTA as a key range
 // (KeyRange: keys past the last unpadded one are never visited; keys before the first padded one
 // are plain), so right padding costs one general tile per row and saves the tiles past its length.
 // scripts/attention_sass.py counts each path's instructions (docs/cuda_kernels.md).
 //
 // Forward (fwd_kernel): one CTA of 4 warps per (64 query rows, batch * head); warp w owns rows
 // 16w..16w+15 of the tile. Grid: query tiles fastest, so the CTAs that run together read one
-// head's K / V (L2 reuse), and under causal masking the longest rows first. The Q tile is copied
-// once and (DP <= 128) kept in registers as mma fragments; K / V tiles of BK keys (64, or 32 for
-// DP = 256) are double-buffered, K and V in separate cp.async groups: tile j + 1 is in flight while
-// tile j is computed, and Q K^T waits for K(j) only. Per tile:
+// head's K / V (L2 reuse), and under causal masking the longest rows first. Up to DP = 128 each
+// warp reads its Q rows once, straight from global memory into mma fragments kept in registers
+// (that shared memory holds the mask tile); DP = 256 copies the Q tile to shared memory. K / V
+// tiles of BK keys (64, or 32 for DP = 256) are double-buffered, K, V and the mask tile in separate
+// cp.async groups: tile j + 1 is in flight while tile j is computed, Q K^T waits for K(j) only and
+// the scores for the mask tile. Per tile:
 //   S = Q K^T                      mma, float32 accumulators (16 x BK per warp)
 //   scores in log2 units           plain: s * scale * log2(e); general: + attn_mask * log2(e),
 //                                  -inf where causal, key padding or out of range
@@ -87,11 +90,13 @@ template <typename T, int DP, bool kDropout, TilePath kPath = TilePath::kAuto>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   using C = Tiles<DP>;
   constexpr int LD = C::kLd, BQ = C::kBQ, BK = C::kBK, NT = BK / 8, NO = DP / 8;
+  constexpr bool kQInRegs = C::kFwdQInRegs;
   FF_DYNAMIC_SMEM(T, smem);
-  T* sQ = smem;
-  T* sK = sQ + BQ * LD;      // 2 buffers of BK rows
+  T* sK = smem;              // 2 buffers of BK rows
   T* sV = sK + 2 * BK * LD;  // 2 buffers of BK rows
-  int* scratch = reinterpret_cast<int*>(sQ + DP);  // key_range's ints: the pad of Q's row 0 (never copied)
+  T* sQ = sV + 2 * BK * LD;  // then the Q tile at DP 256, else the mask tile (Tiles::fwd_smem)
+  char* sMask = reinterpret_cast<char*>(sQ);
+  int* scratch = reinterpret_cast<int*>(sK + DP);  // key_range's ints: the pad of K's row 0 (never copied)
   const Problem& pb = p.pb;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int Sq = static_cast<int>(pb.Sq), Sk = static_cast<int>(pb.Sk);
@@ -105,57 +110,78 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   const T* K = static_cast<const T*>(pb.k.ptr) + b * pb.k.stride_b + hk * pb.k.stride_h;
   const T* V = static_cast<const T*>(pb.v.ptr) + b * pb.v.stride_b + hk * pb.v.stride_h;
   const Slice sl = make_slice(pb, b, h);
+  const int row_w = warp * 16;
+  const int rows[2] = {q0 + row_w + g, q0 + row_w + g + 8};
 
-  load_tile_async<BQ, DP>(sQ, Q, pb.q.stride_s, Sq - q0, D);
+  // The warp's Q rows as mma A fragments (DP <= 128: read once, straight from global memory; at
+  // DP = 256 they would take 64 more registers, so that bucket reads them from shared memory per
+  // key tile).
+  uint32_t qf[kQInRegs ? DP / 16 : 1][4];
+  if constexpr (kQInRegs) {
+    load_a_frags(qf, Q + row_w * pb.q.stride_s, pb.q.stride_s, Sq - q0 - row_w, D, lane);
+  } else {
+    load_tile_async<BQ, DP>(sQ, Q, pb.q.stride_s, Sq - q0, D);  // in K(0)'s group
+  }
+  // The attn_mask tile (DP <= 128), in the space Q's tile would take; this warp copies and reads
+  // its own 16 rows: mrow[r] is row rows[r] of the tile.
+  const bool mask_tiled = kQInRegs && sl.mask;
+  const MaskTile mt = make_mask_tile(sl, sMask, BK);
+  const char* mrow[2] = {mt.row(row_w, g), mt.row(row_w, g + 8)};
+  auto mask_fill = [&](int it) {
+    if (mask_tiled) mt.fill<BK>(sl, q0, it * BK, row_w, 16, 0, lane);
+    ff::simt::cp_async_commit();
+  };
+
   const KeyTiles kt = key_tiles(pb, key_range(sl.pad, Sk, scratch), q0, BQ, BK);
-  if (kt.ntiles > 0) {  // Q and K(0) one group, then V(0)
+  if (kt.ntiles > 0) {  // K(0) (and Q at DP 256), V(0), M(0)
     load_tile_async<BK, DP>(sK, K, pb.k.stride_s, Sk, D);
     ff::simt::cp_async_commit();
     load_tile_async<BK, DP>(sV, V, pb.v.stride_s, Sk, Dv);
+    ff::simt::cp_async_commit();
+    mask_fill(0);
   }
-  ff::simt::cp_async_commit();
   const bool shared = shared_draws(pb);
 
-  // The warp's Q rows as mma A fragments, loaded once (DP <= 128; for DP = 256 they would take 64
-  // more registers, so that bucket reads them from shared memory per key tile).
-  constexpr bool kQInRegs = DP <= 128;
-  uint32_t qf[kQInRegs ? DP / 16 : 1][4];
   float acc[NO][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  const int row_w = warp * 16;
-  const int rows[2] = {q0 + row_w + g, q0 + row_w + g + 8};
 
   for (int it = 0; it < kt.ntiles; ++it) {
     const int k0 = it * BK;
     const bool last = it + 1 == kt.ntiles;
     kv_prefetch<BK, DP>(sK, sV, K, V, pb, it, kt.ntiles);
-    kv_wait<0>(last);
+    pipe_wait<Copy::kK>(last);
     const T* cK = sK + (it & 1) * BK * LD;
     const T* cV = sV + (it & 1) * BK * LD;
 
     float s[NT][4] = {};
     if constexpr (kQInRegs) {
-      if (it == 0) {
-#pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk) ff::simt::ldmatrix_x4(qf[kk], frag_rows16<LD>(sQ, row_w, kk * 16, lane));
-      }
       mma_abt<T, NT, DP / 16, LD>(s, qf, cK, D, lane);
     } else {
       mma_abt<T, NT, DP, LD, LD>(s, sQ, row_w, cK, D, lane);
     }
 
-    // Scores in log2 units: the plain path only scales; the general one masks (attention.h).
-    if (plain_tile<kPath>(k0 + BK <= kt.plain_end)) {
+    // Scores in log2 units: the plain path only scales; the general one masks (attention.h), with
+    // attn_mask from the tile (DP <= 128) or from global memory.
+    const bool plain = plain_tile<kPath>(k0 + BK <= kt.plain_end);
+    if (plain) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] *= sl.scale_log2;
       }
     } else {
+      if (mask_tiled) pipe_wait<Copy::kMask>(last);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = sl.score(rows[e >> 1], k0 + nt * 8 + 2 * t + (e & 1), s[nt][e]);
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, c = nt * 8 + 2 * t + (e & 1);
+          if constexpr (kQInRegs) {
+            s[nt][e] = sl.score(rows[r], k0 + c, s[nt][e], [&] { return mask_value(mrow[r], c, sl.mask_kind); });
+          } else {
+            s[nt][e] = sl.score(rows[r], k0 + c, s[nt][e]);
+          }
+        }
       }
     }
 
@@ -199,11 +225,19 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
       }
     }
 
-    kv_wait<1>(last);
+    pipe_wait<Copy::kV>(last);
+    if (!last) {  // this warp has read M(it): its rows of M(it + 1) (a mask puts every tile on the general path)
+      if (plain) {
+        ff::simt::cp_async_commit();
+      } else {
+        mask_fill(it + 1);
+      }
+    }
     mma_cb<T, NO, NT, LD>(acc, s, cV, Dv, lane);
-    __syncthreads();  // the buffer is refilled by the next iteration's prefetch
+    __syncthreads();  // the K / V buffer is refilled by the next iteration's prefetch
   }
-  if (kt.ntiles == 0) ff::simt::cp_async_wait<0>();  // every key hidden: Q was never needed
+  ff::simt::cp_async_commit();  // every copy retired before the exit (Q at DP 256 when every key is hidden)
+  ff::simt::cp_async_wait<0>();
 
   T* out = static_cast<T*>(p.out.ptr) + b * p.out.stride_b + h * p.out.stride_h;
 #pragma unroll
@@ -257,6 +291,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
   T* sdS = sQ + 2 * C::kQBufs * BQb * LD;  // dS^T, (keys, queries)
   float* sLse = reinterpret_cast<float*>(sdS + BKb * LDS);
   float* sDelta = sLse + BQb;
+  char* sMask = reinterpret_cast<char*>(sDelta + BQb);  // the mask tile, (queries, keys) (Tiles::bwd_smem)
   int* scratch = reinterpret_cast<int*>(sQ + DP);  // key_range's ints: the pad of Q's row 0 (never copied)
   const Problem& pb = p.pb;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -288,27 +323,48 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
   // The query steps: every query tile of every query head of the GQA group. Q / dO of step s sit in
   // buffer s % NBUF; with two buffers (DP <= 128) step s + 1's copies are in flight while step s
   // computes. At DP = 256 a second buffer would cost the second CTA per SM (137 KiB of smem).
+  // The attn_mask tile of step s (single-buffered) is copied by the warps, each its own 16 key
+  // columns: with two buffers once the warp has read step s - 1's (its own cp.async group, waited
+  // with Q / dO(s)), with one together with Q / dO(s).
   constexpr int NBUF = C::kQBufs;
   const int nsteps = (q_end - q_first + BQb - 1) / BQb, total = static_cast<int>(group) * nsteps;
-  auto head_of = [&](int step) { return hk * group + step / nsteps; };
-  auto q0_of = [&](int step) { return q_first + (step % nsteps) * BQb; };
-  auto issue = [&](int step) {
-    const int64_t h = head_of(step);
-    const int q0 = q0_of(step), buf = step % NBUF;
-    const T* Qh = static_cast<const T*>(pb.q.ptr) + b * pb.q.stride_b + h * pb.q.stride_h;
-    const T* dOh = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
-    load_tile_async<BQb, DP>(sQ + buf * 2 * BQb * LD, Qh + q0 * pb.q.stride_s, pb.q.stride_s, Sq - q0, D);
-    load_tile_async<BQb, DP>(sQ + (buf * 2 + 1) * BQb * LD, dOh + q0 * p.dout.stride_s, p.dout.stride_s, Sq - q0,
-                             Dv);
-    ff::simt::cp_async_commit();
+  struct Step {
+    int64_t h;  // query head
+    int q0;     // first query row
   };
+  auto next_of = [&](Step s) {  // steps go over the query tiles of a head, then to the next head
+    return s.q0 + BQb < q_end ? Step{s.h, s.q0 + BQb} : Step{s.h + 1, q_first};
+  };
+  auto issue = [&](Step s, int step) {  // Q / dO of a step into buffer step % NBUF (not committed)
+    const int buf = step % NBUF;
+    const T* Qh = static_cast<const T*>(pb.q.ptr) + b * pb.q.stride_b + s.h * pb.q.stride_h;
+    const T* dOh = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + s.h * p.dout.stride_h;
+    load_tile_async<BQb, DP>(sQ + buf * 2 * BQb * LD, Qh + s.q0 * pb.q.stride_s, pb.q.stride_s, Sq - s.q0, D);
+    load_tile_async<BQb, DP>(sQ + (buf * 2 + 1) * BQb * LD, dOh + s.q0 * p.dout.stride_s, p.dout.stride_s,
+                             Sq - s.q0, Dv);
+  };
+  auto mask_fill = [&](Step s) {  // this warp's columns of a step's mask tile (not committed)
+    if (!pb.mask.ptr) return;
+    const Slice sl = make_slice(pb, b, s.h);
+    make_mask_tile(sl, sMask, BKb).fill<16>(sl, s.q0, k0, 0, BQb, key_w, lane);
+  };
+  // A mask puts every query tile on the general path, the only one that reads the mask tile.
+  auto plain_step = [&](int q0) { return plain_tile<kPath>(keys_plain && (!pb.causal || k0 + BKb <= q0 + 1)); };
+  Step cur{hk * group, q_first};
   if constexpr (NBUF == 2) {
-    if (total > 0) issue(0);
+    if (total > 0) {  // Q / dO(0), then M(0)
+      issue(cur, 0);
+      ff::simt::cp_async_commit();
+      if (!plain_step(cur.q0)) mask_fill(cur);
+      ff::simt::cp_async_commit();
+    }
   }
 
   for (int step = 0; step < total; ++step) {
-    const int64_t h = head_of(step);
-    const int q0 = q0_of(step);
+    const int64_t h = cur.h;
+    const int q0 = cur.q0;
+    const Step next = next_of(cur);
+    const bool plain = plain_step(q0);
     const Slice sl = make_slice(pb, b, h);
     const int64_t bh = b * pb.H + h;
     const uint64_t base = static_cast<uint64_t>(bh) * Sq * Sk;
@@ -316,21 +372,25 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
       __syncthreads();  // the previous step is done with its Q / dO buffer, sdS, sLse, sDelta
       const bool more = NBUF == 2 && step + 1 < total;
       if (more) {
-        issue(step + 1);
+        issue(next, step + 1);
+        ff::simt::cp_async_commit();
       } else if (NBUF == 1) {
-        issue(step);
+        issue(cur, step);
+        if (!plain) mask_fill(cur);
+        ff::simt::cp_async_commit();
       }
       for (int r = threadIdx.x; r < BQb; r += kThreads) {
         const int i = q0 + r;
         sLse[r] = i < Sq ? p.lse[bh * Sq + i] * kLog2e : INFINITY;  // rows past Sq: P = 0 on both paths
         sDelta[r] = i < Sq ? delta[bh * Sq + i] : 0.f;
       }
-      if (more) {
+      if (more) {  // in flight: Q / dO(step + 1)
         ff::simt::cp_async_wait<1>();
       } else {
         ff::simt::cp_async_wait<0>();
       }
       __syncthreads();
+      const MaskTile mt = make_mask_tile(sl, sMask, BKb);
       const T* cQ = sQ + (step % NBUF) * 2 * BQb * LD;
       const T* cdO = cQ + BQb * LD;
 
@@ -352,7 +412,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
             if constexpr (decltype(plain)::value) {
               pr = exp2f(st[nt][e] * sl.scale_log2 - lse2);
             } else {
-              const float x = sl.score(q0 + ii, key0 + 8 * (e >> 1), st[nt][e]);
+              const int c = key_w + g + 8 * (e >> 1);
+              const float x =
+                  sl.score(q0 + ii, k0 + c, st[nt][e], [&] { return mask_value(mt.row(0, ii), c, sl.mask_kind); });
               pr = lse2 == -INFINITY ? 0.f : exp2f(x - lse2);
             }
             float dp = dpt[nt][e], pz = pr;
@@ -365,10 +427,15 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
           }
         }
       };
-      if (plain_tile<kPath>(keys_plain && (!pb.causal || k0 + BKb <= q0 + 1))) {
+      if (plain) {
         probabilities(std::true_type{});
+        if (more) ff::simt::cp_async_commit();
       } else {
         probabilities(std::false_type{});
+        if (more) {  // this warp has read M(step): its columns of M(step + 1)
+          mask_fill(next);
+          ff::simt::cp_async_commit();
+        }
       }
       mma_cb<T, NO, NQ, LD>(dv, st, cdO, Dv, lane);  // dV += (P z)^T dO
       mma_cb<T, NO, NQ, LD>(dk, dpt, cQ, D, lane);   // dK += dS^T Q   (scaled at the end)
@@ -407,6 +474,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
         }
       }
     }
+    cur = next;
   }
 
   ff::simt::cp_async_wait<0>();  // K / V are still in flight when no query row sees this key tile
@@ -454,6 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
   T* sdO = sQ + BQ * LD;
   T* sK = sdO + BQ * LD;     // 2 buffers of BK rows
   T* sV = sK + 2 * BK * LD;  // 2 buffers of BK rows
+  char* sMask = reinterpret_cast<char*>(sV + 2 * BK * LD);  // the mask tile (Tiles::dq_smem)
   int* scratch = reinterpret_cast<int*>(sQ + DP);  // key_range's ints: the pad of Q's row 0 (never copied)
   const Problem& pb = p.pb;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -469,19 +538,28 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
   const T* V = static_cast<const T*>(pb.v.ptr) + b * pb.v.stride_b + hk * pb.v.stride_h;
   const Slice sl = make_slice(pb, b, h);
 
+  const int row_w = warp * 16;
+  const int rows[2] = {q0 + row_w + g, q0 + row_w + g + 8};
+  // The attn_mask tile: this warp copies and reads its own 16 rows (mrow[r]: row rows[r]).
+  const MaskTile mt = make_mask_tile(sl, sMask, BK);
+  const char* mrow[2] = {mt.row(row_w, g), mt.row(row_w, g + 8)};
+  auto mask_fill = [&](int it) {
+    if (sl.mask) mt.fill<BK>(sl, q0, it * BK, row_w, 16, 0, lane);
+    ff::simt::cp_async_commit();
+  };
+
   load_tile_async<BQ, DP>(sQ, Q, pb.q.stride_s, Sq - q0, D);
   load_tile_async<BQ, DP>(sdO, dO, p.dout.stride_s, Sq - q0, Dv);
   const KeyTiles kt = key_tiles(pb, key_range(sl.pad, Sk, scratch), q0, BQ, BK);
-  if (kt.ntiles > 0) {  // Q, dO and K(0) one group, then V(0)
+  if (kt.ntiles > 0) {  // Q, dO and K(0) one group, then V(0), M(0)
     load_tile_async<BK, DP>(sK, K, pb.k.stride_s, Sk, D);
     ff::simt::cp_async_commit();
     load_tile_async<BK, DP>(sV, V, pb.v.stride_s, Sk, Dv);
+    ff::simt::cp_async_commit();
+    mask_fill(0);
   }
-  ff::simt::cp_async_commit();
   const bool shared = shared_draws(pb);
 
-  const int row_w = warp * 16;
-  const int rows[2] = {q0 + row_w + g, q0 + row_w + g + 8};
   float lse2[2], dlt[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -495,13 +573,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
     const int k0 = it * BK;
     const bool last = it + 1 == kt.ntiles;
     kv_prefetch<BK, DP>(sK, sV, K, V, pb, it, kt.ntiles);
-    kv_wait<0>(last);
+    pipe_wait<Copy::kK>(last);
     const T* cK = sK + (it & 1) * BK * LD;
     const T* cV = sV + (it & 1) * BK * LD;
 
     float s[NT][4] = {}, dp[NT][4] = {};
     mma_abt<T, NT, DP, LD, LD>(s, sQ, row_w, cK, D, lane);
-    kv_wait<1>(last);
+    pipe_wait<Copy::kV>(last);
     mma_abt<T, NT, DP, LD, LD>(dp, sdO, row_w, cV, Dv, lane);
     const uint64_t base0 = static_cast<uint64_t>(bh * Sq + rows[0]) * Sk;
     const uint64_t base1 = static_cast<uint64_t>(bh * Sq + rows[1]) * Sk;
@@ -518,7 +596,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
           if constexpr (decltype(plain)::value) {
             pr = exp2f(s[nt][e] * sl.scale_log2 - lse2[r]);
           } else {
-            const float sc = sl.score(rows[r], j + (e & 1), s[nt][e]);
+            const int c = j - k0 + (e & 1);
+            const float sc =
+                sl.score(rows[r], k0 + c, s[nt][e], [&] { return mask_value(mrow[r], c, sl.mask_kind); });
             pr = lse2[r] == -INFINITY ? 0.f : exp2f(sc - lse2[r]);
           }
           const float dpz = kDropout ? (keep[e] ? dp[nt][e] * pb.dropout.scale : 0.f) : dp[nt][e];
@@ -528,13 +608,17 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
     };
     if (plain_tile<kPath>(k0 + BK <= kt.plain_end)) {
       grads(std::true_type{});
+      if (!last) ff::simt::cp_async_commit();
     } else {
+      if (sl.mask) pipe_wait<Copy::kMask>(last);
       grads(std::false_type{});
+      if (!last) mask_fill(it + 1);  // this warp has read M(it): its rows of M(it + 1)
     }
     mma_cb<T, NO, NT, LD>(dq, s, cK, D, lane);  // dQ += dS K
     __syncthreads();
   }
-  if (kt.ntiles == 0) ff::simt::cp_async_wait<0>();
+  ff::simt::cp_async_commit();  // every copy retired before the exit (Q, dO when every key is hidden)
+  ff::simt::cp_async_wait<0>();
 
   T* dQ = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
 #pragma unroll
@@ -555,7 +639,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
 template <typename T, int DP, bool kDropout>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using C = Tiles<DP>;
-  const size_t smem = C::kFwdSmem;
+  const size_t smem = C::fwd_smem(mask_elem_bytes(p.pb));
   // One-dimensional grids: B H ceil(Sq / 64) CTAs stay far below 2^31 for any tensor that fits in
   // memory (attention_problem.cpp bounds Sq and Sk).
   const int64_t nq = (p.pb.Sq + C::kBQ - 1) / C::kBQ;
@@ -573,12 +657,12 @@ void launch_bwd(const BwdParams& p, float* delta, float* dq_acc, cudaStream_t st
   const int64_t rows = pb.B * pb.H * pb.Sq;
   ff::simt::launch(bwd_delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), dim3(kThreads), 0, stream, p,
                    delta, acc);
-  const size_t smem = C::kBwdSmem;
+  const size_t smem = C::bwd_smem(mask_elem_bytes(pb));
   const int64_t nk = (pb.Sk + C::kBKb - 1) / C::kBKb;
   ff::simt::launch(bwd_kernel<T, DP, kDropout>, dim3(static_cast<unsigned>(pb.B * pb.Hk * nk)), dim3(kThreads), smem,
                    stream, p, static_cast<const float*>(delta), acc);
   if (p.deterministic) {
-    const size_t smem_dq = C::kDqSmem;
+    const size_t smem_dq = C::dq_smem(mask_elem_bytes(pb));
     const int64_t nq = (pb.Sq + C::kBQ - 1) / C::kBQ;
     ff::simt::launch(bwd_dq_kernel<T, DP, kDropout>, dim3(static_cast<unsigned>(pb.B * pb.H * nq)), dim3(kThreads),
                      smem_dq, stream, p, static_cast<const float*>(delta));

@@ -5,7 +5,22 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "attention/attention.h"
+
 namespace ff::attention::gpu {
+
+// The attn_mask tile of a (query tile, key tile): `rows` x `keys` mask values in the mask's own
+// dtype (cp.async copies bytes: `elem` = 4 for float32, 2 for float16 / bfloat16), each row padded
+// by 16 bytes like the other tiles. Single-buffered; no bytes without a mask (elem = 0).
+constexpr int mask_ld(int keys, int elem) { return keys * elem + 16; }
+constexpr size_t mask_tile_bytes(int rows, int keys, int elem) {
+  return elem ? static_cast<size_t>(rows) * mask_ld(keys, elem) : 0;
+}
+
+// The attn_mask's element size, 0 without one: what the mask tile's shared memory depends on.
+inline int mask_elem_bytes(const Problem& pb) {
+  return pb.mask.ptr ? (pb.mask_dtype == c10::ScalarType::Float ? 4 : 2) : 0;
+}
 
 template <int DP>
 struct Tiles {
@@ -15,34 +30,49 @@ struct Tiles {
   static constexpr int kBKb = 64;                    // bwd: keys per CTA
   static constexpr int kBQb = DP == 64 ? 64 : 32;    // bwd: query rows per inner step
   static constexpr int kLdS = kBQb + 8;              // bwd: row stride of the dS^T tile
-
-  // Dynamic shared memory in bytes (16-bit elements), see attention_cuda.cuh's kernels.
-  static constexpr size_t kFwdSmem = static_cast<size_t>(kBQ + 4 * kBK) * kLd * 2;  // Q, 2 x K, 2 x V
   static constexpr int kQBufs = DP <= 128 ? 2 : 1;   // bwd: Q / dO buffers (double-buffered up to DP 128)
-  static constexpr size_t kBwdSmem = static_cast<size_t>(2 * kBKb + 2 * kQBufs * kBQb) * kLd * 2 +  // K, V, Q, dO
-                                     static_cast<size_t>(kBKb) * kLdS * 2 + 2 * kBQb * 4;  // dS^T, lse, delta
-  static constexpr size_t kDqSmem = static_cast<size_t>(2 * kBQ + 4 * kBK) * kLd * 2;  // Q, dO, 2 x K, 2 x V
+
+  // The forward keeps Q in registers up to DP 128 (read straight from global memory) and puts the
+  // attn_mask tile where Q's tile would be; at DP 256 Q stays in shared memory and the mask is
+  // read per score element from global memory (its 99 KiB are already sm_86 / sm_89's limit).
+  static constexpr bool kFwdQInRegs = DP <= 128;
+
+  // Dynamic shared memory in bytes (16-bit tiles) one CTA asks for, with an attn_mask of
+  // `mask_elem` bytes per value (0: none); see attention_cuda.cuh's kernels.
+  static constexpr size_t fwd_smem(int mask_elem) {  // 2 x K, 2 x V, then Q or the mask tile
+    return static_cast<size_t>(4 * kBK) * kLd * 2 +
+           (kFwdQInRegs ? mask_tile_bytes(kBQ, kBK, mask_elem) : static_cast<size_t>(kBQ) * kLd * 2);
+  }
+  static constexpr size_t bwd_smem(int mask_elem) {  // K, V, Q, dO, dS^T, lse, delta, the mask tile
+    return static_cast<size_t>(2 * kBKb + 2 * kQBufs * kBQb) * kLd * 2 + static_cast<size_t>(kBKb) * kLdS * 2 +
+           2 * kBQb * 4 + mask_tile_bytes(kBQb, kBKb, mask_elem);
+  }
+  static constexpr size_t dq_smem(int mask_elem) {   // Q, dO, 2 x K, 2 x V, the mask tile
+    return static_cast<size_t>(2 * kBQ + 4 * kBK) * kLd * 2 + mask_tile_bytes(kBQ, kBK, mask_elem);
+  }
 };
 
 // The padded head dim serving max(D, Dv), or 0 when it is too large.
 inline int head_dim_bucket(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 256 ? 256 : 0; }
 
-// The most dynamic shared memory one CTA of the forward, or of the backward (its dK / dV kernel
-// and, when deterministic, its dQ kernel), asks for at head dims D, Dv (<= 256).
-inline size_t fwd_smem_bytes(int64_t d, int64_t dv) {
+// The dynamic shared memory one CTA of the forward, or of the backward (its dK / dV kernel and,
+// when deterministic, its dQ kernel), asks for at head dims D, Dv (<= 256) with an attn_mask of
+// mask_elem bytes per value (0: none). The default, a float32 mask, is the most it ever asks for:
+// what dispatch compares with the device.
+inline size_t fwd_smem_bytes(int64_t d, int64_t dv, int mask_elem = 4) {
   switch (head_dim_bucket(d > dv ? d : dv)) {
-    case 64: return Tiles<64>::kFwdSmem;
-    case 128: return Tiles<128>::kFwdSmem;
-    default: return Tiles<256>::kFwdSmem;
+    case 64: return Tiles<64>::fwd_smem(mask_elem);
+    case 128: return Tiles<128>::fwd_smem(mask_elem);
+    default: return Tiles<256>::fwd_smem(mask_elem);
   }
 }
 
-inline size_t bwd_smem_bytes(int64_t d, int64_t dv, bool deterministic) {
+inline size_t bwd_smem_bytes(int64_t d, int64_t dv, bool deterministic, int mask_elem = 4) {
   auto most = [deterministic](size_t bwd, size_t dq) { return deterministic && dq > bwd ? dq : bwd; };
   switch (head_dim_bucket(d > dv ? d : dv)) {
-    case 64: return most(Tiles<64>::kBwdSmem, Tiles<64>::kDqSmem);
-    case 128: return most(Tiles<128>::kBwdSmem, Tiles<128>::kDqSmem);
-    default: return most(Tiles<256>::kBwdSmem, Tiles<256>::kDqSmem);
+    case 64: return most(Tiles<64>::bwd_smem(mask_elem), Tiles<64>::dq_smem(mask_elem));
+    case 128: return most(Tiles<128>::bwd_smem(mask_elem), Tiles<128>::dq_smem(mask_elem));
+    default: return most(Tiles<256>::bwd_smem(mask_elem), Tiles<256>::dq_smem(mask_elem));
   }
 }
 

@@ -1,7 +1,8 @@
 // attention on CUDA GPUs: what the kernels of attention_cuda.cuh do to scores — the (batch, head)
-// slice and its general score transform (attention.h's masking rule), key padding as a key range,
-// the per-tile choice between the plain and the general path, the dropout draws in the kernels'
-// two register layouts, and the double-buffered K / V pipeline. Written against simt/simt.cuh only.
+// slice and its general score transform (attention.h's masking rule), the attn_mask tile in shared
+// memory, key padding as a key range, the per-tile choice between the plain and the general path,
+// the dropout draws in the kernels' two register layouts, and the K / V / mask pipeline. Written
+// against simt/simt.cuh only.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,14 @@ namespace ff::attention::gpu {
 // ---------------------------------------------------------------------------------------------
 // Scores, masks and dropout
 // ---------------------------------------------------------------------------------------------
+// Value `idx` of attn_mask values stored from `base` in their own dtype (kind 0: float32,
+// 1: float16, 2: bfloat16), in global or shared memory.
+__device__ __forceinline__ float mask_value(const char* base, int64_t idx, int kind) {
+  return kind == 0   ? reinterpret_cast<const float*>(base)[idx]
+         : kind == 1 ? to_float(reinterpret_cast<const __half*>(base)[idx])
+                     : to_float(reinterpret_cast<const __nv_bfloat16*>(base)[idx]);
+}
+
 // The (batch, head) slice a CTA works on and its score transform, in log2 units:
 //   x -> x * scale * log2(e) + attn_mask[i, j] * log2(e) (masked_score: masking values), -inf where
 //   a mask hides (i, j) or (i, j) is outside (Sq, Sk).
@@ -26,17 +35,20 @@ struct Slice {
   float scale_log2 = 0.f;
   bool causal = false;
 
-  __device__ __forceinline__ float score(int i, int j, float x) const {
+  __device__ __forceinline__ int mask_elem() const { return mask_kind == 0 ? 4 : 2; }
+
+  // The score of (i, j) from x = q_i . k_j; `mask_value()` gives attn_mask[i, j] and is called only
+  // where a mask exists and nothing else hides (i, j).
+  template <typename MaskValue>
+  __device__ __forceinline__ float score(int i, int j, float x, MaskValue mask_value) const {
     if (i >= Sq || j >= Sk || (causal && j > i) || (pad && pad[j])) return -INFINITY;
     float s = x * scale_log2;
-    if (mask) {
-      const int64_t idx = i * mask_ss + j * mask_sk;
-      const float m = mask_kind == 0   ? reinterpret_cast<const float*>(mask)[idx]
-                      : mask_kind == 1 ? to_float(reinterpret_cast<const __half*>(mask)[idx])
-                                       : to_float(reinterpret_cast<const __nv_bfloat16*>(mask)[idx]);
-      s = masked_score(s, m, kLog2e);  // attention.h: masking values
-    }
+    if (mask) s = masked_score(s, mask_value(), kLog2e);  // attention.h: masking values
     return s;
+  }
+  // The same with attn_mask[i, j] read from global memory.
+  __device__ __forceinline__ float score(int i, int j, float x) const {
+    return score(i, j, x, [&] { return mask_value(mask, i * mask_ss + j * mask_sk, mask_kind); });
   }
 };
 
@@ -55,6 +67,70 @@ __device__ __forceinline__ Slice make_slice(const Problem& pb, int64_t b, int64_
   s.scale_log2 = pb.scale * kLog2e;
   s.causal = pb.causal;
   return s;
+}
+
+// The attn_mask tile of one (query tile, key tile) in shared memory (Tiles, mask_ld): rows of
+// query i0 + r, columns of key j0 + c, in the mask's dtype. Single-buffered and filled by warps:
+// each warp copies the part of the tile it reads (its query rows in the forward and dQ kernels, its
+// key columns in the dK / dV kernel), so it may refill that part as soon as its own lanes have read
+// it (__syncwarp), with no block barrier, and waits for its own copies only.
+//   async    keys contiguous, the slice's base and row stride 16-byte aligned: 16-byte cp.async
+//            chunks (zero-filled wholly outside (Sq, Sk)); the chunk that straddles Sk and every
+//            chunk of any other layout (a key stride of 0, an unaligned view) take plain loads.
+//   one_row  the mask is the same for every query (query stride 0, e.g. a (B, 1, 1, Sk) padding
+//            mask expanded): one row is copied and read for every query.
+struct MaskTile {
+  char* smem = nullptr;
+  int ld = 0;     // bytes from one row of the tile to the next
+  int rstep = 0;  // bytes from one query's row to the next's: ld, 0 when one row serves every query
+  bool async = false, one_row = false;
+
+  // Rows [r0, r0 + nrows) x columns [c0, c0 + NCOLS) (c0 a multiple of 16 bytes' worth of values)
+  // of the tile of (i0, j0), by this warp's 32 lanes, once all of them are done with the part's
+  // previous contents; the caller commits the copies. In 16-byte chunks: a chunk wholly inside
+  // (Sq, Sk) is one cp.async (wholly outside, zero-filled); any other is copied as eight 16-bit
+  // words with plain loads, zeros past Sk (the bits as they are: mask_value converts).
+  template <int NCOLS>
+  __device__ __forceinline__ void fill(const Slice& sl, int i0, int j0, int r0, int nrows, int c0, int lane) const {
+    static_assert(NCOLS == 16 || NCOLS == 32 || NCOLS == 64, "MaskTile::fill: 16, 32 or 64 columns");
+    __syncwarp();
+    const int eshift = sl.mask_kind == 0 ? 2 : 1;  // log2 of the bytes per value
+    const int vshift = 4 - eshift;                 // log2 of the values per chunk
+    const int cshift = (NCOLS == 64 ? 6 : NCOLS == 32 ? 5 : 4) - vshift;  // log2 of the chunks per row
+    const int n = (one_row ? 1 : nrows) << cshift;
+    for (int u = lane; u < n; u += 32) {
+      const int r = r0 + (u >> cshift), c = c0 + ((u & ((1 << cshift) - 1)) << vshift), i = i0 + r, j = j0 + c;
+      const int left = i < sl.Sq && j < sl.Sk ? sl.Sk - j : 0;
+      const int valid = left < (1 << vshift) ? left : 1 << vshift;  // values of the chunk inside (Sq, Sk)
+      char* dst = smem + r * ld + (c << eshift);
+      if (async && (valid == 0 || valid == 1 << vshift)) {
+        ff::simt::cp_async_16(dst, valid ? sl.mask + ((i * sl.mask_ss + j) << eshift) : sl.mask, valid != 0);
+        continue;
+      }
+#pragma unroll 1
+      for (int w = 0; w < 8; ++w) {  // word w: value w >> (eshift - 1), its bytes 2w mod 2^eshift
+        const int e = w >> (eshift - 1), byte = (2 * w) & ((1 << eshift) - 1);
+        const char* src = sl.mask + ((i * sl.mask_ss + (j + e) * sl.mask_sk) << eshift) + byte;
+        reinterpret_cast<uint16_t*>(dst)[w] = e < valid ? *reinterpret_cast<const uint16_t*>(src) : uint16_t{0};
+      }
+    }
+  }
+
+  // The row of query row `first` + k of the tile (row `first` when one row serves every query).
+  __device__ __forceinline__ const char* row(int first, int k) const { return smem + first * ld + k * rstep; }
+};
+
+// The tile for slice `sl` at `smem` with rows of `keys` values (Tiles, mask_ld).
+__device__ __forceinline__ MaskTile make_mask_tile(const Slice& sl, char* smem, int keys) {
+  MaskTile t;
+  const int elem = sl.mask_elem();
+  t.smem = smem;
+  t.ld = mask_ld(keys, elem);
+  t.one_row = sl.mask_ss == 0;
+  t.rstep = t.one_row ? 0 : t.ld;
+  t.async = sl.mask && sl.mask_sk == 1 && reinterpret_cast<uintptr_t>(sl.mask) % 16 == 0 &&
+            (sl.mask_ss * elem) % 16 == 0;
+  return t;
 }
 
 // Key padding as a key range: the keys of one padding row (Sk entries, True = padding) that can be
@@ -184,10 +260,12 @@ __device__ __forceinline__ bool shared_draws(const Problem& pb) {
 #endif
 }
 
-// The K / V pipeline of the forward and dQ kernels: tile `it` of `ntiles` lives in buffer it & 1;
-// K and V are separate cp.async groups, so Q K^T waits for K only. Call kv_prefetch first
-// (starts tile it + 1 into the other buffer, committing K then V), then kv_wait<0> before reading
-// K(it) and kv_wait<1> before reading V(it).
+// The K / V / mask pipeline of the forward and dQ kernels. Tile `it` of `ntiles` has three cp.async
+// groups, committed in this order: K(it), V(it) into buffer it & 1 (kv_prefetch, at the top of
+// iteration it - 1), then the mask tile M(it) (single-buffered: each warp copies its rows once it
+// has read M(it - 1), after the V wait of iteration it - 1; an empty group without a mask tile).
+// Tile 0's groups are committed before the loop in the same order. So S = Q K^T waits for K(it)
+// only, and the scores for M(it).
 template <int BK, int DP, typename T>
 __device__ __forceinline__ void kv_prefetch(T* sK, T* sV, const T* K, const T* V, const Problem& pb, int it,
                                             int ntiles) {
@@ -202,19 +280,29 @@ __device__ __forceinline__ void kv_prefetch(T* sK, T* sV, const T* K, const T* V
   ff::simt::cp_async_commit();
 }
 
-// WHICH = 0: K(it) has landed; 1: V(it) too. In flight after K(it): V(it) and, unless `it` is the
-// last tile, K(it + 1) and V(it + 1).
-template <int WHICH>
-__device__ __forceinline__ void kv_wait(bool last) {
+// Wait in iteration `it` (`last`: it + 1 == ntiles) until K(it), V(it) or the mask tile M(it) has
+// landed; K and V are copied by the whole block (then a barrier), M(it) by the warp that reads it
+// (then __syncwarp). In flight after K(it): V(it), M(it) and, unless last, K(it + 1), V(it + 1); after
+// V(it): M(it), K(it + 1), V(it + 1) (M(it + 1) is committed after the V wait); after M(it):
+// K(it + 1), V(it + 1).
+enum class Copy { kK, kV, kMask };
+
+template <Copy kWhat>
+__device__ __forceinline__ void pipe_wait(bool last) {
+  constexpr int kAfter = kWhat == Copy::kK ? 2 : kWhat == Copy::kV ? 1 : 0;  // groups of tile it after it
   if (last) {
-    ff::simt::cp_async_wait<1 - WHICH>();
+    ff::simt::cp_async_wait<kAfter>();
   } else {
-    ff::simt::cp_async_wait<3 - WHICH>();
+    ff::simt::cp_async_wait<kAfter + 2>();
   }
-  __syncthreads();
+  if constexpr (kWhat == Copy::kMask) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
 }
 
-// The start of the first K / V tile (one group each) and the tile count of a query tile q0: key
+// The key tiles a query tile q0 visits, and which of them take the plain path: key
 // tiles past the last visible key (padding, causal) are never loaded.
 struct KeyTiles {
   int ntiles = 0;     // key tiles to visit

@@ -57,6 +57,23 @@ __device__ __forceinline__ const T* frag_rows8x2(const T* s, int r0, int c0, int
   return s + (r0 + (lane & 7) + ((lane >> 4) << 3)) * LD + c0 + (((lane >> 3) & 1) << 3);
 }
 
+// The mma A fragments of rows 0..15 of a row-major global matrix (row stride `stride`), read
+// straight into registers (the layout ldmatrix_x4 with frag_rows16 gives): a[kk] holds columns
+// 16kk..16kk+15; rows >= nrows and columns >= ncols (a multiple of 8) are zero.
+template <int KF, typename T>
+__device__ __forceinline__ void load_a_frags(uint32_t (&a)[KF][4], const T* g, int64_t stride, int nrows, int ncols,
+                                             int lane) {
+  const int r = lane >> 2, c = 2 * (lane & 3);
+#pragma unroll
+  for (int kk = 0; kk < KF; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // (row, column) = (r, c), (r + 8, c), (r, c + 8), (r + 8, c + 8)
+      const int row = r + 8 * (i & 1), col = kk * 16 + c + 8 * (i >> 1);
+      a[kk][i] = row < nrows && col < ncols ? *reinterpret_cast<const uint32_t*>(g + row * stride + col) : 0u;
+    }
+  }
+}
+
 // acc (16 x 8NT) += A B^T for one warp: A = rows a0..a0+15 of sA, B = rows 0..8NT-1 of sB, both
 // stored (row, k) with k < kdim (rounded up to 16; the padding columns are zero).
 template <typename T, int NT, int KMAX, int LDA, int LDB>

@@ -12,7 +12,10 @@ offset, so the masks must agree bit for bit), the deterministic backward (bitwis
 runs, and by the 2x rule); the tile paths (test_tile_paths): tiles on the plain path only, the
 causal diagonal among plain tiles, right padding with boundary, skipped and empty rows, padding
 with holes, dropout with the lane-shared Philox draws and with the per-lane fallback (Sk or offset
-not a multiple of 4), a NaN row on the plain path. Every output is written inside a NaN-filled buffer with padded rows;
+not a multiple of 4), a NaN row on the plain path; the attn_mask tile in shared memory
+(test_mask_tile, test_bool_mask): cp.async and plain-load layouts, one row for every query,
+partial tiles, float32 / float16 / bfloat16 masks, each kernel. Masks reach the kernels in the
+layout a case builds (_set_mask). Every output is written inside a NaN-filled buffer with padded rows;
 the bytes outside the view must come back untouched."""
 import math
 
@@ -72,7 +75,7 @@ def _problem(B, H, Hk, Sq, Sk, D, Dv, *, gen_seed, transposed=False, mask=None, 
         cols = Sk if mask == "heads" else 1
         m = torch.randn(B, 1, Sq, cols, generator=g, dtype=torch.float64)
         m = m.masked_fill(torch.rand(B, 1, Sq, cols, generator=g) < 0.2, float("-inf"))
-        t["attn_mask"] = m.expand(B, H, Sq, Sk)
+        _set_mask(t, m, lambda s: s.expand(B, H, Sq, Sk))
     t["key_padding_mask"] = None
     if padding:  # batch row 0 fully padded, the others randomly
         kpm = torch.rand(B, Sk, generator=g) < 0.3
@@ -81,14 +84,24 @@ def _problem(B, H, Hk, Sq, Sk, D, Dv, *, gen_seed, transposed=False, mask=None, 
     return t
 
 
-def _mask_as(m, dtype):
-    return None if m is None else m.to(dtype)
+def _set_mask(t, storage, view):
+    """t's attn_mask: ``view(storage)``, (B, H, Sq, Sk). The kernels get the view of the storage
+    converted to the mask dtype, so broadcast (stride 0) and strided layouts reach them as they are
+    (``Tensor.to`` of the view would materialize a dense copy)."""
+    t["attn_mask"] = view(storage)
+    t["mask_as"] = lambda dtype: view(storage.to(dtype))
+
+
+def _mask_as(t, dtype):
+    if t["attn_mask"] is None:
+        return None
+    return t["mask_as"](dtype) if "mask_as" in t else t["attn_mask"].to(dtype)
 
 
 def _reference(t, dtype, mask_dtype, p, causal, scale, seed, offset):
     """Reference (out, lse, dq, dk, dv) in ``dtype`` (float64 for the ground truth)."""
     q, k, v, dout = (t[n].to(dtype) for n in ("q", "k", "v", "dout"))
-    mask = _mask_as(t["attn_mask"], dtype if dtype == torch.float64 else mask_dtype)
+    mask = _mask_as(t, dtype if dtype == torch.float64 else mask_dtype)
     seed_t = torch.tensor([seed], dtype=torch.int64) if p > 0 else None
     kpm = t["key_padding_mask"]
     out, lse = reference.attention_fwd(q, k, v, mask, kpm, p, causal, scale, seed_t, offset)
@@ -104,7 +117,7 @@ def _like(x, dtype):
 def _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic=False):
     """The emulated kernels: (out, lse, dq, dk, dv), every output inside a guard-banded buffer."""
     q, k, v, dout = (_like(t[n], dtype) for n in ("q", "k", "v", "dout"))
-    mask = _mask_as(t["attn_mask"], mask_dtype)
+    mask = _mask_as(t, mask_dtype)
     kpm = t["key_padding_mask"]
     B, H, Sq, D = q.shape
     Hk, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -175,8 +188,85 @@ def test_key_padding_with_a_fully_padded_batch_row(emu, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_additive_mask_broadcast(emu, dtype, mask_dtype, broadcast):
     t = _problem(2, 2, 1, 17, 77, 40, 40, gen_seed=5, mask=broadcast)
-    assert t["attn_mask"].stride(1) == 0 and (broadcast == "heads") == (t["attn_mask"].stride(3) != 0)
+    m = _mask_as(t, mask_dtype or dtype)
+    assert m.stride(1) == 0 and (broadcast == "heads") == (m.stride(3) != 0)
     _check(emu, t, dtype, mask_dtype=mask_dtype, causal=True)
+
+
+# The attn_mask tile (attention_cuda_scores.cuh: MaskTile): the mask of each (query tile, key tile)
+# is brought into shared memory, with 16-byte cp.async where the mask's rows allow it (keys
+# contiguous, base and row stride 16-byte aligned) and plain loads otherwise, one row for every
+# query when the mask is the same for all of them; the forward at head dim 256 reads it from
+# global memory. Each layout below reaches the kernels as it is (_set_mask).
+def _padded(n):
+    return (n + 7) // 8 * 8  # a row of 8k values: 16-byte aligned rows in every mask dtype
+
+
+def _mask_layout(layout, B, H, Sq, Sk):
+    """(storage shape, view: storage -> the (B, H, Sq, Sk) mask the kernels get)."""
+    ld = _padded(Sk)
+    return {
+        "queries": ((B, 1, 1, Sk), lambda s: s.expand(B, H, Sq, Sk)),
+        "padded-rows": ((B, H, Sq, ld), lambda s: s[..., :Sk]),
+        "heads-padded": ((B, 1, Sq, ld), lambda s: s[..., :Sk].expand(B, H, Sq, Sk)),
+        "keys": ((B, 1, Sq, 1), lambda s: s.expand(B, H, Sq, Sk)),
+        "row-unaligned": ((B, H, Sq, Sk + 1), lambda s: s[..., :Sk]),
+        "base-unaligned": ((B * H * Sq * ld + 1,), lambda s: s[1:].view(B, H, Sq, ld)[..., :Sk]),
+    }[layout]
+
+
+def _tile_path(m):
+    """"cp.async" where MaskTile copies with cp.async for batch 0, else "plain loads"."""
+    elem = m.element_size()
+    aligned = m.stride(3) == 1 and m.data_ptr() % 16 == 0 and (m.stride(2) * elem) % 16 == 0
+    return "cp.async" if aligned else "plain loads"
+
+
+MASK_CASES = {
+    # layout: (B, H, Hk, Sq, Sk, D, causal, p, deterministic, tile path of batch 0)
+    "queries": (2, 2, 1, 77, 130, 64, False, 0.0, False, "cp.async"),  # one row; batch 1's base is unaligned
+    "padded-rows": (1, 2, 2, 77, 130, 128, True, 0.3, True, "cp.async"),  # partial tiles, a chunk across Sk
+    "heads-padded": (2, 2, 2, 40, 96, 256, False, 0.0, True, "cp.async"),  # DP 256: fwd from global memory
+    "keys": (1, 2, 1, 70, 70, 40, True, 0.0, False, "plain loads"),     # key stride 0
+    "row-unaligned": (1, 2, 2, 64, 64, 64, False, 0.0, True, "plain loads"),  # rows of 65 values
+    "base-unaligned": (2, 1, 1, 33, 72, 96, False, 0.0, False, "plain loads"),  # one value off 16 bytes
+}
+MASK_DTYPES = [(torch.float16, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtypes", MASK_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}-mask")
+@pytest.mark.parametrize("layout", list(MASK_CASES))
+def test_mask_tile(emu, layout, dtypes):
+    dtype, mask_dtype = dtypes
+    B, H, Hk, Sq, Sk, D, causal, p, deterministic, path = MASK_CASES[layout]
+    t = _problem(B, H, Hk, Sq, Sk, D, D, gen_seed=len(layout) + 40)
+    g = torch.Generator().manual_seed(41)
+    shape, view = _mask_layout(layout, B, H, Sq, Sk)
+    storage = torch.randn(shape, generator=g, dtype=torch.float64)
+    storage = storage.masked_fill(torch.rand(shape, generator=g) < 0.2, float("-inf"))
+    _set_mask(t, storage, view)
+    assert _tile_path(_mask_as(t, mask_dtype)) == path, layout
+    _check(emu, t, dtype, mask_dtype=mask_dtype, p=p, causal=causal, seed=77, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bool_mask(emu, dtype):
+    """A bool attn_mask (True = may attend) as the op converts it (ops/attention.py: 0 / -inf in q's
+    dtype, still broadcast over heads), rows 16-byte aligned (cp.async): a query row that may attend
+    to nothing gives out 0, lse -inf and no gradient."""
+    from fusedformer.ops import attention as attention_op
+
+    B, H, Sq, Sk = 2, 2, 70, 136
+    t = _problem(B, H, H, Sq, Sk, 64, 64, gen_seed=31)
+    allowed = torch.rand(B, 1, Sq, Sk, generator=torch.Generator().manual_seed(32)) > 0.3
+    allowed[1, :, 5] = False
+    q, k = t["q"].to(dtype), t["k"].to(dtype)
+    additive = attention_op._normalize_masks("test", q, k, allowed, None, (B,), True)[0]
+    assert additive.dtype == dtype and additive.stride(1) == 0 and _tile_path(additive) == "cp.async"
+    t["attn_mask"] = additive
+    t["mask_as"] = lambda dt: additive if dt == dtype else additive.to(dt)
+    out, lse, dq, dk, dv = _check(emu, t, dtype)
+    assert (out[1, :, 5] == 0).all() and torch.isneginf(lse[1, :, 5]).all() and (dq[1, :, 5] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -200,18 +290,21 @@ def test_deterministic_backward(emu, dtype):
         assert torch.equal(a, b), f"{name}: the deterministic run is not bitwise reproducible"
 
 
+@pytest.mark.parametrize("Sk", [70, 80], ids=lambda n: {70: "plain-loads", 80: "cp.async"}[n])
 @pytest.mark.parametrize("mask_dtype", [torch.float32, None], ids=["float32-mask", "qdtype-mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rows_masked_by_finfo_min(emu, dtype, mask_dtype):
+def test_rows_masked_by_finfo_min(emu, dtype, mask_dtype, Sk):
     """Hugging Face's masks: finfo(mask dtype).min over whole query rows (left padding) and over
-    some keys; such rows attend uniformly (reference.py, masking values), with exact gradients."""
-    t = _problem(2, 2, 2, 33, 70, 64, 64, gen_seed=14)
+    some keys; such rows attend uniformly (reference.py, masking values), with exact gradients.
+    Rows of 70 values take the mask tile's plain loads, rows of 80 its cp.async copies."""
+    t = _problem(2, 2, 2, 33, Sk, 64, 64, gen_seed=14)
     low = torch.finfo(mask_dtype or dtype).min
-    m = torch.zeros(2, 1, 33, 70, dtype=torch.float64)
+    m = torch.zeros(2, 1, 33, Sk, dtype=torch.float64)
     m[0, :, :5, :] = low
     m[1, :, 7, 10:] = low
     m[:, :, :, 64:] = low
-    t["attn_mask"] = m.expand(2, 2, 33, 70)
+    _set_mask(t, m, lambda s: s.expand(2, 2, 33, Sk))
+    assert _tile_path(_mask_as(t, mask_dtype or dtype)) == ("cp.async" if Sk == 80 else "plain loads")
     out, lse, *_ = _check(emu, t, dtype, mask_dtype=mask_dtype, causal=True)
     if low <= reference.MASKING_THRESHOLD:  # float16's -65504 is not a masking value (softmax of q . k)
         uniform = t["v"][0, :, :5].double().cumsum(1) / torch.arange(1, 6, dtype=torch.float64)[:, None]
