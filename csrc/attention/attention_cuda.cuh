@@ -66,6 +66,9 @@
 //                        (BQb x D) product in 16 x 16 blocks and atomicAdd into the accumulator.
 //                      Causal: query tiles entirely above the key tile's first key are skipped;
 //                      a key tile that padding hides entirely skips every query tile (dK = dV = 0).
+//                      At DP = 256 dK and dV together would need 256 registers a thread: the
+//                      query steps run twice, accumulating dV (no dP^T, dS^T, dQ), then dK, in the
+//                      same registers (Tiles::kBwdTwoPasses).
 //   dq_convert_kernel  dq = scale * accumulator, in q's dtype and dq's strides.
 // Deterministic mode (BwdParams::deterministic): bwd_kernel skips dQ and bwd_dq_kernel computes
 // it per (64 query rows, batch * head), looping over the key tiles like the forward (recompute
@@ -314,7 +317,10 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
   const bool keys_plain = !pb.mask.ptr && kr.clean == BKb;  // every key of the tile exists, none padded
   const bool shared = shared_draws(pb);
 
-  float dk[NO][4] = {}, dv[NO][4] = {};
+  // dK and dV of the warp's keys in float32 registers. With two passes (DP 256: both would need
+  // 256 registers a thread) the first pass accumulates dV in dk and stores it, the second dK.
+  constexpr bool kTwoPasses = C::kBwdTwoPasses;
+  float dk[NO][4] = {}, dv[kTwoPasses ? 1 : NO][4] = {};
   const int key_w = warp * 16;
   const int key0 = k0 + key_w + g;  // this lane's keys: key0 and key0 + 8
   const int q_first = pb.causal ? (k0 / BQb) * BQb : 0;  // earlier rows see none of these keys
@@ -350,149 +356,189 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
   };
   // A mask puts every query tile on the general path, the only one that reads the mask tile.
   auto plain_step = [&](int q0) { return plain_tile<kPath>(keys_plain && (!pb.causal || k0 + BKb <= q0 + 1)); };
-  Step cur{hk * group, q_first};
+  const Step first{hk * group, q_first};
   if constexpr (NBUF == 2) {
     if (total > 0) {  // Q / dO(0), then M(0)
-      issue(cur, 0);
+      issue(first, 0);
       ff::simt::cp_async_commit();
-      if (!plain_step(cur.q0)) mask_fill(cur);
+      if (!plain_step(first.q0)) mask_fill(first);
       ff::simt::cp_async_commit();
     }
   }
 
-  for (int step = 0; step < total; ++step) {
-    const int64_t h = cur.h;
-    const int q0 = cur.q0;
-    const Step next = next_of(cur);
-    const bool plain = plain_step(q0);
-    const Slice sl = make_slice(pb, b, h);
-    const int64_t bh = b * pb.H + h;
-    const uint64_t base = static_cast<uint64_t>(bh) * Sq * Sk;
-    {
-      __syncthreads();  // the previous step is done with its Q / dO buffer, sdS, sLse, sDelta
-      const bool more = NBUF == 2 && step + 1 < total;
-      if (more) {
-        issue(next, step + 1);
-        ff::simt::cp_async_commit();
-      } else if (NBUF == 1) {
-        issue(cur, step);
-        if (!plain) mask_fill(cur);
-        ff::simt::cp_async_commit();
-      }
-      for (int r = threadIdx.x; r < BQb; r += kThreads) {
-        const int i = q0 + r;
-        sLse[r] = i < Sq ? p.lse[bh * Sq + i] * kLog2e : INFINITY;  // rows past Sq: P = 0 on both paths
-        sDelta[r] = i < Sq ? delta[bh * Sq + i] : 0.f;
-      }
-      if (more) {  // in flight: Q / dO(step + 1)
-        ff::simt::cp_async_wait<1>();
-      } else {
-        ff::simt::cp_async_wait<0>();
-      }
-      __syncthreads();
-      const MaskTile mt = make_mask_tile(sl, sMask, BKb);
-      const T* cQ = sQ + (step % NBUF) * 2 * BQb * LD;
-      const T* cdO = cQ + BQb * LD;
-
-      float st[NQ][4] = {};   // S^T, then P^T z
-      float dpt[NQ][4] = {};  // dP^T, then dS^T
-      mma_abt<T, NQ, DP, LD, LD>(st, sK, key_w, cQ, D, lane);
-      mma_abt<T, NQ, DP, LD, LD>(dpt, sV, key_w, cdO, Dv, lane);
-      // P^T from the saved lse: plain tiles only scale, the general path masks (attention.h).
-      auto probabilities = [&](auto plain) {
+  const float zs = kDropout ? pb.dropout.scale : 1.f;  // dV = 1 / (1 - p) sum (P keep)^T dO
+  auto store = [&](const Strided4& out, const float (&acc)[NO][4], float factor, int ncols) {  // this lane's keys
+    T* dst = static_cast<T*>(out.ptr) + b * out.stride_b + hk * out.stride_h;
+    const int64_t stride = out.stride_s;
 #pragma unroll
-        for (int nt = 0; nt < NQ; ++nt) {
-          [[maybe_unused]] bool keep[4];
-          if constexpr (kDropout) dropout_col_quad(pb.dropout, base, Sk, q0 + nt * 8 + 2 * t, key0, lane, shared, keep);
+    for (int r = 0; r < 2; ++r) {
+      const int j = key0 + 8 * r;
+      if (j >= Sk) continue;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int ii = nt * 8 + 2 * t + (e & 1);
-            const float lse2 = sLse[ii];
-            float pr;
-            if constexpr (decltype(plain)::value) {
-              pr = exp2f(st[nt][e] * sl.scale_log2 - lse2);
-            } else {
-              const int c = key_w + g + 8 * (e >> 1);
-              const float x =
-                  sl.score(q0 + ii, k0 + c, st[nt][e], [&] { return mask_value(mt.row(0, ii), c, sl.mask_kind); });
-              pr = lse2 == -INFINITY ? 0.f : exp2f(x - lse2);
-            }
-            float dp = dpt[nt][e], pz = pr;
-            if constexpr (kDropout) {  // dV's 1 / (1 - p) at the end
-              pz = keep[e] ? pr : 0.f;
-              dp = keep[e] ? dp * pb.dropout.scale : 0.f;
-            }
-            st[nt][e] = pz;
-            dpt[nt][e] = pr * (dp - sDelta[ii]);
-          }
-        }
-      };
-      if (plain) {
-        probabilities(std::true_type{});
-        if (more) ff::simt::cp_async_commit();
-      } else {
-        probabilities(std::false_type{});
-        if (more) {  // this warp has read M(step): its columns of M(step + 1)
-          mask_fill(next);
-          ff::simt::cp_async_commit();
-        }
-      }
-      mma_cb<T, NO, NQ, LD>(dv, st, cdO, Dv, lane);  // dV += (P z)^T dO
-      mma_cb<T, NO, NQ, LD>(dk, dpt, cQ, D, lane);   // dK += dS^T Q   (scaled at the end)
-
-      if (dq_acc) {
-#pragma unroll
-        for (int nt = 0; nt < NQ; ++nt) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            store_pair(sdS + (key_w + g + 8 * r) * LDS + nt * 8 + 2 * t, dpt[nt][2 * r], dpt[nt][2 * r + 1]);
-          }
-        }
-        __syncthreads();
-        // dQ (BQb x D) += dS K in blocks of 16 queries x 16 columns dealt to the warps.
-        const int nd = (D + 15) / 16, items = (BQb / 16) * nd;
-        for (int item = warp; item < items; item += kThreads / 32) {
-          const int mq = item / nd, cd = item % nd;
-          float a2[2][4] = {};
-#pragma unroll
-          for (int kk = 0; kk < BKb / 16; ++kk) {
-            uint32_t a[4], r[4];
-            ff::simt::ldmatrix_x4_trans(a, frag_rows8x2<LDS>(sdS, kk * 16, mq * 16, lane));
-            ff::simt::ldmatrix_x4_trans(r, frag_rows16<LD>(sK, kk * 16, cd * 16, lane));
-            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-            ff::simt::mma_m16n8k16<T>(a2[0], a, b0);
-            ff::simt::mma_m16n8k16<T>(a2[1], a, b1);
-          }
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int i = q0 + mq * 16 + g + 8 * (e >> 1), c = cd * 16 + half * 8 + 2 * t + (e & 1);
-              if (i < Sq && c < D) atomicAdd(dq_acc + (bh * Sq + i) * D + c, a2[half][e]);
-            }
-          }
-        }
+      for (int no = 0; no < NO; ++no) {
+        const int c = no * 8 + 2 * t;
+        if (c < ncols) store_pair(dst + j * stride + c, acc[no][2 * r] * factor, acc[no][2 * r + 1] * factor);
       }
     }
-    cur = next;
+  };
+
+  // One pass over the query steps, or two: dV (P^T only: no dP^T, dS^T, dK, dQ), then dK.
+  static_assert(!kTwoPasses || NBUF == 1, "bwd_kernel: two passes prefetch no query step across passes");
+#pragma unroll 1
+  for (int pass = 0; pass < (kTwoPasses ? 2 : 1); ++pass) {
+    const bool dv_pass = kTwoPasses && pass == 0;
+    Step cur = first;
+    for (int step = 0; step < total; ++step) {
+      const int64_t h = cur.h;
+      const int q0 = cur.q0;
+      const Step next = next_of(cur);
+      const bool plain = plain_step(q0);
+      const Slice sl = make_slice(pb, b, h);
+      const int64_t bh = b * pb.H + h;
+      const uint64_t base = static_cast<uint64_t>(bh) * Sq * Sk;
+      {
+        __syncthreads();  // the previous step is done with its Q / dO buffer, sdS, sLse, sDelta
+        const bool more = NBUF == 2 && step + 1 < total;
+        if (more) {
+          issue(next, step + 1);
+          ff::simt::cp_async_commit();
+        } else if (NBUF == 1) {
+          issue(cur, step);
+          if (!plain) mask_fill(cur);
+          ff::simt::cp_async_commit();
+        }
+        for (int r = threadIdx.x; r < BQb; r += kThreads) {
+          const int i = q0 + r;
+          sLse[r] = i < Sq ? p.lse[bh * Sq + i] * kLog2e : INFINITY;  // rows past Sq: P = 0 on both paths
+          sDelta[r] = i < Sq ? delta[bh * Sq + i] : 0.f;
+        }
+        if (more) {  // in flight: Q / dO(step + 1)
+          ff::simt::cp_async_wait<1>();
+        } else {
+          ff::simt::cp_async_wait<0>();
+        }
+        __syncthreads();
+        const MaskTile mt = make_mask_tile(sl, sMask, BKb);
+        const T* cQ = sQ + (step % NBUF) * 2 * BQb * LD;
+        const T* cdO = cQ + BQb * LD;
+
+        // Dropout keeps: with two passes the step's keep bits (bit 4 nt + e), drawn before S^T and
+        // dP^T take their registers (the DP 256 kernel has none to spare); else per n-tile, below.
+        [[maybe_unused]] uint32_t keep_bits = ~0u;
+        if constexpr (kDropout && kTwoPasses) {
+          static_assert(NQ * 4 <= 32, "bwd_kernel: a step's keep bits fit 32 bits");
+#pragma unroll
+          for (int nt = 0; nt < NQ; ++nt) {
+            bool keep[4];
+            dropout_col_quad(pb.dropout, base, Sk, q0 + nt * 8 + 2 * t, key0, lane, shared, keep);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) keep_bits &= ~(static_cast<uint32_t>(!keep[e]) << (4 * nt + e));
+          }
+        }
+        float st[NQ][4] = {};   // S^T, then P^T z
+        float dpt[NQ][4] = {};  // dP^T, then dS^T (in the dV pass of two, P^T z)
+        mma_abt<T, NQ, DP, LD, LD>(st, sK, key_w, cQ, D, lane);
+        if (!dv_pass) mma_abt<T, NQ, DP, LD, LD>(dpt, sV, key_w, cdO, Dv, lane);
+        // P^T from the saved lse: plain tiles only scale, the general path masks (attention.h).
+        auto probabilities = [&](auto plain) {
+#pragma unroll
+          for (int nt = 0; nt < NQ; ++nt) {
+            [[maybe_unused]] bool keep[4];
+            if constexpr (kDropout && !kTwoPasses) {
+              dropout_col_quad(pb.dropout, base, Sk, q0 + nt * 8 + 2 * t, key0, lane, shared, keep);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int ii = nt * 8 + 2 * t + (e & 1);
+              const float lse2 = sLse[ii];
+              float pr;
+              if constexpr (decltype(plain)::value) {
+                pr = exp2f(st[nt][e] * sl.scale_log2 - lse2);
+              } else {
+                const int c = key_w + g + 8 * (e >> 1);
+                const float x =
+                    sl.score(q0 + ii, k0 + c, st[nt][e], [&] { return mask_value(mt.row(0, ii), c, sl.mask_kind); });
+                pr = lse2 == -INFINITY ? 0.f : exp2f(x - lse2);
+              }
+              float dp = dpt[nt][e], pz = pr;
+              if constexpr (kDropout) {  // dV's 1 / (1 - p) at the end
+                const bool kept = kTwoPasses ? (keep_bits >> (4 * nt + e)) & 1u : keep[e];
+                pz = kept ? pr : 0.f;
+                dp = kept ? dp * pb.dropout.scale : 0.f;
+              }
+              st[nt][e] = pz;
+              dpt[nt][e] = dv_pass ? pz : pr * (dp - sDelta[ii]);
+            }
+          }
+        };
+        if (plain) {
+          probabilities(std::true_type{});
+        } else {
+          probabilities(std::false_type{});
+        }
+        if constexpr (!kTwoPasses) mma_cb<T, NO, NQ, LD>(dv, st, cdO, Dv, lane);  // dV += (P z)^T dO
+        // dS^T (in the dV pass P^T z) rounded to T once: the A operand of dK += dS^T Q (of dV += (P z)^T
+        // dO) and, with atomics, the tile the dQ product reads.
+        uint32_t ds[NQ / 2][4];
+        pack_a<T>(ds, dpt);
+        if (dq_acc && !dv_pass) {
+#pragma unroll
+          for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              uint32_t* dst = reinterpret_cast<uint32_t*>(sdS + (key_w + g + 8 * r) * LDS + nt * 8 + 2 * t);
+              *dst = ds[nt / 2][2 * (nt & 1) + r];
+            }
+          }
+        }
+        mma_ab<T, NO, NQ / 2, LD>(dk, ds, dv_pass ? cdO : cQ, dv_pass ? Dv : D, lane);  // dK scaled at the end
+        if (more) {  // this warp has read M(step): its columns of M(step + 1)
+          if (!plain) mask_fill(next);
+          ff::simt::cp_async_commit();
+        }
+        if (dq_acc && !dv_pass) {
+          __syncthreads();
+          // dQ (BQb x D) += dS K in blocks of 16 queries x 16 columns dealt to the warps.
+          const int nd = (D + 15) / 16, items = (BQb / 16) * nd;
+          for (int item = warp; item < items; item += kThreads / 32) {
+            const int mq = item / nd, cd = item % nd;
+            float a2[2][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < BKb / 16; ++kk) {
+              uint32_t a[4], r[4];
+              ff::simt::ldmatrix_x4_trans(a, frag_rows8x2<LDS>(sdS, kk * 16, mq * 16, lane));
+              ff::simt::ldmatrix_x4_trans(r, frag_rows16<LD>(sK, kk * 16, cd * 16, lane));
+              const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+              ff::simt::mma_m16n8k16<T>(a2[0], a, b0);
+              ff::simt::mma_m16n8k16<T>(a2[1], a, b1);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int i = q0 + mq * 16 + g + 8 * (e >> 1), c = cd * 16 + half * 8 + 2 * t + (e & 1);
+                if (i < Sq && c < D) atomicAdd(dq_acc + (bh * Sq + i) * D + c, a2[half][e]);
+              }
+            }
+          }
+        }
+      }
+      cur = next;
+    }
+    if (dv_pass) {  // dV done: store it, and dk starts again for dK
+      store(p.dv, dk, zs, Dv);
+#pragma unroll
+      for (int no = 0; no < NO; ++no) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[no][e] = 0.f;
+      }
+    }
   }
 
   ff::simt::cp_async_wait<0>();  // K / V are still in flight when no query row sees this key tile
 
-  T* dK = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + hk * p.dk.stride_h;
-  T* dV = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + hk * p.dv.stride_h;
-  const float zs = kDropout ? pb.dropout.scale : 1.f;  // dV = 1 / (1 - p) sum (P keep)^T dO
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = key0 + 8 * r;
-    if (j >= Sk) continue;
-#pragma unroll
-    for (int no = 0; no < NO; ++no) {
-      const int c = no * 8 + 2 * t;
-      if (c < D) store_pair(dK + j * p.dk.stride_s + c, dk[no][2 * r] * pb.scale, dk[no][2 * r + 1] * pb.scale);
-      if (c < Dv) store_pair(dV + j * p.dv.stride_s + c, dv[no][2 * r] * zs, dv[no][2 * r + 1] * zs);
-    }
-  }
+  store(p.dk, dk, pb.scale, D);
+  if constexpr (!kTwoPasses) store(p.dv, dv, zs, Dv);
 }
 
 // dq = scale * dq_acc in q's dtype, element pairs in a grid-stride loop.

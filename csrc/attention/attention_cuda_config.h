@@ -31,6 +31,9 @@ struct Tiles {
   static constexpr int kBQb = DP == 64 ? 64 : 32;    // bwd: query rows per inner step
   static constexpr int kLdS = kBQb + 8;              // bwd: row stride of the dS^T tile
   static constexpr int kQBufs = DP <= 128 ? 2 : 1;   // bwd: Q / dO buffers (double-buffered up to DP 128)
+  // bwd: at DP 256 the dK and dV accumulators would take 256 registers a thread: the dK / dV kernel
+  // goes over the query steps twice, accumulating dV, then dK, in the same registers.
+  static constexpr bool kBwdTwoPasses = DP == 256;
 
   // The forward keeps Q in registers up to DP 128 (read straight from global memory) and puts the
   // attn_mask tile where Q's tile would be; at DP 256 Q stays in shared memory and the mask is

@@ -109,8 +109,9 @@ struct MaskTile {
       }
 #pragma unroll 1
       for (int w = 0; w < 8; ++w) {  // word w: value w >> (eshift - 1), its bytes 2w mod 2^eshift
-        const int e = w >> (eshift - 1), byte = (2 * w) & ((1 << eshift) - 1);
-        const char* src = sl.mask + ((i * sl.mask_ss + (j + e) * sl.mask_sk) << eshift) + byte;
+        const int e = w >> (eshift - 1);
+        const char* src =
+            sl.mask + ((i * sl.mask_ss + (j + e) * sl.mask_sk) << eshift) + ((2 * w) & ((1 << eshift) - 1));
         reinterpret_cast<uint16_t*>(dst)[w] = e < valid ? *reinterpret_cast<const uint16_t*>(src) : uint16_t{0};
       }
     }

@@ -112,9 +112,47 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const uint32_t (&a)
   }
 }
 
+// The mma A fragments of a float32 accumulator tile C (16 x 8KT) rounded to T, in registers (the
+// C-fragment to A-fragment identity): a[kk] holds columns 16kk..16kk+15.
+template <typename T, int KT>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[KT / 2][4], const float (&c)[KT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < KT / 2; ++kk) {
+    a[kk][0] = ff::simt::pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = ff::simt::pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = ff::simt::pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = ff::simt::pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// acc (16 x 8NT) += A B for one 16-wide k block kk: `a` is A's fragment, B = rows 16kk..16kk+15 of
+// sB stored (k, n), n < ndim (rounded up to 16).
+template <typename T, int NT, int LDB>
+__device__ __forceinline__ void mma_kblock(float (&acc)[NT][4], const uint32_t (&a)[4], const T* sB, int kk, int ndim,
+                                           int lane) {
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {
+    if (np * 16 >= ndim) break;
+    uint32_t r[4];
+    ff::simt::ldmatrix_x4_trans(r, frag_rows16<LDB>(sB, kk * 16, np * 16, lane));
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    ff::simt::mma_m16n8k16<T>(acc[2 * np], a, b0);
+    ff::simt::mma_m16n8k16<T>(acc[2 * np + 1], a, b1);
+  }
+}
+
+// acc (16 x 8NT) += A B for one warp: A (16 x 16KF) as fragments in registers (pack_a); B = rows
+// 0..16KF-1 of sB stored (k, n), n < ndim (rounded up to 16).
+template <typename T, int NT, int KF, int LDB>
+__device__ __forceinline__ void mma_ab(float (&acc)[NT][4], const uint32_t (&a)[KF][4], const T* sB, int ndim,
+                                       int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KF; ++kk) mma_kblock<T, NT, LDB>(acc, a[kk], sB, kk, ndim, lane);
+}
+
 // acc (16 x 8NT) += C B for one warp: C (16 x 8KT) is a float32 accumulator tile, rounded to T
-// and reused as the A operand in registers; B = rows 0..8KT-1 of sB stored (k, n), n < ndim
-// (rounded up to 16).
+// and reused as the A operand in registers, one k block at a time; B = rows 0..8KT-1 of sB stored
+// (k, n), n < ndim (rounded up to 16).
 template <typename T, int NT, int KT, int LDB>
 __device__ __forceinline__ void mma_cb(float (&acc)[NT][4], const float (&c)[KT][4], const T* sB, int ndim,
                                        int lane) {
@@ -124,15 +162,7 @@ __device__ __forceinline__ void mma_cb(float (&acc)[NT][4], const float (&c)[KT]
                            ff::simt::pack2<T>(c[2 * kk][2], c[2 * kk][3]),
                            ff::simt::pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]),
                            ff::simt::pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3])};
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      if (np * 16 >= ndim) break;
-      uint32_t r[4];
-      ff::simt::ldmatrix_x4_trans(r, frag_rows16<LDB>(sB, kk * 16, np * 16, lane));
-      const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-      ff::simt::mma_m16n8k16<T>(acc[2 * np], a, b0);
-      ff::simt::mma_m16n8k16<T>(acc[2 * np + 1], a, b1);
-    }
+    mma_kblock<T, NT, LDB>(acc, a, sB, kk, ndim, lane);
   }
 }
 
