@@ -404,9 +404,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int Sq = static_cast<int>(pb.Sq), Sk = static_cast<int>(pb.Sk);
   const int D = static_cast<int>(pb.D), Dv = static_cast<int>(pb.Dv);
-  const int nq = (Sq + BQ - 1) / BQ, qt = static_cast<int>(blockIdx.x % nq);
-  const int64_t bh = blockIdx.x / nq, b = bh / pb.H, h = bh % pb.H, hk = h / (pb.H / pb.Hk);
-  const int q0 = (pb.causal ? nq - 1 - qt : qt) * BQ;
+  const QueryTile tile = query_tile(pb, BQ);
+  const int q0 = tile.q0;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
   const T* Q = static_cast<const T*>(pb.q.ptr) + b * pb.q.stride_b + h * pb.q.stride_h + q0 * pb.q.stride_s;
   const T* dO = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h +
                 q0 * p.dout.stride_s;

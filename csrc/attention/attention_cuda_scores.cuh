@@ -303,6 +303,25 @@ __device__ __forceinline__ void pipe_wait(bool last) {
   }
 }
 
+// The query tile of this CTA in the forward's and the deterministic dQ's one-dimensional grid of
+// B * H * ceil(Sq / BQ) CTAs: query tiles fastest, so the CTAs running together share one head's
+// K / V in L2; under causal masking the longest rows (the last query tiles) first.
+struct QueryTile {
+  int q0;              // first query row
+  int64_t bh, b, h, hk;  // (batch * head), batch, query head, its key / value head
+};
+
+__device__ __forceinline__ QueryTile query_tile(const Problem& pb, int BQ) {
+  const int nq = (static_cast<int>(pb.Sq) + BQ - 1) / BQ, qt = static_cast<int>(blockIdx.x % nq);
+  QueryTile q;
+  q.bh = blockIdx.x / nq;
+  q.b = q.bh / pb.H;
+  q.h = q.bh % pb.H;
+  q.hk = q.h / (pb.H / pb.Hk);
+  q.q0 = (pb.causal ? nq - 1 - qt : qt) * BQ;
+  return q;
+}
+
 // The key tiles a query tile q0 visits, and which of them take the plain path: key
 // tiles past the last visible key (padding, causal) are never loaded.
 struct KeyTiles {
