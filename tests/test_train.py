@@ -362,6 +362,30 @@ def test_ddp_two_processes_match_one(corpus_dir, tmp_path, capsys, private_cache
     assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / (s["mfu_ceiling_tflops_total"] * 1e12))
 
 
+@pytest.mark.parametrize("world_size, exits", [("2", True), ("1", False)])
+def test_torchrun_rank_ends_without_finalizing(monkeypatch, capsys, world_size, exits):
+    """A rank of a multi-process run leaves through os._exit with main's code, its output flushed
+    (gloo's worker threads outlive the process group under DDP: see cli._exit_rank); a one-process
+    run returns normally."""
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(cli, "_main", lambda argv: print("done") or 3)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    if exits:
+        with pytest.raises(Exited) as info:
+            cli.main([])
+        assert info.value.args == (3,)
+    else:
+        assert cli.main([]) == 3
+    assert capsys.readouterr().out == "done\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: one line that says what to do; nothing written is lost
 # ------------------------------------------------------------------------------------------------

@@ -234,6 +234,38 @@ def _print_run(summary: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    code = _main(argv)
+    if _is_torchrun_rank():
+        _exit_rank(code)
+    return code
+
+
+def _is_torchrun_rank() -> bool:
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _exit_rank(code: int) -> None:
+    """End a torchrun rank without finalizing the interpreter, once everything is written.
+
+    Under DDP on the CPU, torch's gloo process group outlives ``destroy_process_group``: DDP keeps
+    a reference to it in C++ (torch 2.14; a plain group is freed and its worker threads joined), so
+    its worker threads are still alive at exit. A worker drops its last reference to a finished
+    collective's tensors a moment after the collective has returned to Python, and doing so takes
+    the GIL; if the interpreter is finalizing by then, the thread is unwound from under a
+    ``noexcept`` frame and the process aborts ("terminate called without an active exception"),
+    after a run that succeeded. ``os._exit`` skips finalization; what finalization would still
+    do for us (flush Python's buffered streams and log handlers) is done first. Every file the
+    run writes is closed before :func:`run` returns."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
