@@ -92,9 +92,8 @@ def _plan():
         record["cuda_archs"] = os.environ["TORCH_CUDA_ARCH_LIST"]
         record["cuda_version"] = torch.version.cuda
 
-    cxx_flags = ["-O3", "-fopenmp", "-DFF_EXTENSION_NAME=_C"]
+    cxx_flags = ["-O3", "-fopenmp"]
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-                  "-DFF_EXTENSION_NAME=_C",
                   # keep fp16/bf16 operators available (torch disables them by default)
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]

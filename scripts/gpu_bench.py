@@ -6,7 +6,7 @@ provider), appended to ``--out`` as each case finishes (a run cut short keeps ev
     python scripts/gpu_bench.py --out bench.csv --dry-run    # on a CPU: tiny shapes, float32, the cpu
                                                              # backend and the Triton interpreter
 
-This is the benchmark suite's own machinery (``bench/common.py``: ``run_op`` checks with the 2x rule
+This is the benchmark suite's own machinery (``bench/driver.py``: ``run_op`` checks with the 2x rule
 before timing, times with ``triton.testing.do_bench`` on a GPU, writes the suite's CSV columns) on a
 short list of cases; only the case list, the provider lists and the bare-GEMM rows are new here.
 
@@ -166,7 +166,7 @@ def _skipped_rows(focus, params, providers, dtype, env, why) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="CSV file the rows are appended to (bench/common.py's columns)")
+    ap.add_argument("--out", required=True, help="CSV file the rows are appended to (bench/results.py's columns)")
     ap.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes, float32")
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
     ap.add_argument("--dtype", default=None, choices=tuple(common.DTYPES),

@@ -45,10 +45,7 @@ import torch  # noqa: E402
 
 import fusedformer as ff  # noqa: E402
 from fusedformer.backends import BackendError  # noqa: E402
-try:  # the project's 2x rule, with its one tolerance table
-    from fusedformer.testing import check_2x as rule_2x  # noqa: E402
-except ImportError:  # before fusedformer.testing: the same rule, kept by the benchmarks
-    from fusedformer.bench.common import rule_2x  # noqa: E402
+from fusedformer.testing import check_2x as rule_2x  # noqa: E402  (the 2x rule, its one tolerance table)
 
 OPS = ("attention", "gelu_ffn", "layer_norm")
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32

@@ -60,11 +60,6 @@ def cpu_model() -> str:
     return ""
 
 
-def has_bf16_instructions() -> bool:
-    caps = capabilities()
-    return caps["avx512_bf16"] or caps["amx_bf16"]
-
-
 def describe() -> str:
     """One line for benchmark rows and reports: the model and its bf16 / AMX flags."""
     caps = capabilities()

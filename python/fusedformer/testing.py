@@ -1,6 +1,6 @@
 """The project's numerical acceptance rule and its one tolerance table, in the spirit of
 ``torch.testing``: used by the tests (tests/numerics.py), the benchmarks' check before timing
-(bench/common.py) and the GPU session's smoke run (scripts/gpu_smoke.py).
+(bench/checks.py) and the GPU session's smoke run (scripts/gpu_smoke.py).
 
 FlashAttention's rule (DESIGN.md, "Numerics and tests"). For an output or gradient ``out`` of a
 backend, with ``ref64`` the reference computed in float64 and ``base`` the reference computed in the

@@ -163,7 +163,3 @@ def load_training_state(ckpt: Path) -> dict:
     except Exception as exc:
         raise TrainError(f"could not read {path} ({type(exc).__name__}: {exc}); "
                          "resume from an earlier checkpoint or start a new run") from exc
-
-
-def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "meta.json").read_text())

@@ -100,10 +100,6 @@ def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 @contextlib.contextmanager
 def maybe_no_sync(model: torch.nn.Module, env: DistEnv, sync: bool) -> Iterator[None]:
     """Skip the gradient all-reduce on accumulation steps that are not the last."""
