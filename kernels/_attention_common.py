@@ -89,6 +89,33 @@ def _sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr
 
 
 @device_function
+def _program_block(CuSeqQ, CuSeqK, seqlen_q, seqlen_k, BLOCK: tl.constexpr, VARLEN: tl.constexpr):
+    """This program's place in the grid (every attention kernel's: blocks of BLOCK along axis 0, heads
+    along axis 1, batch elements / sequences along axis 2): (its block's first position, its head,
+    its batch element, and that element's :func:`_sequence_bounds`). The kernel returns early when
+    the block starts past the sequence's end."""
+    start = tl.program_id(0) * BLOCK
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len = _sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
+    return start, head, b, q_start, q_len, k_start, k_len
+
+
+@device_function
+def _key_range(m0, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The key tiles of the query block whose first row is ``m0`` (forward and dQ): ``[0, full_end)``
+    (a multiple of BLOCK_N) are visible to every row of the block and run unmasked;
+    ``[full_end, hi)`` straddle the causal diagonal or the sequence's end and run masked."""
+    if CAUSAL:
+        hi = tl.minimum(k_len, m0 + BLOCK_M)
+        full_end = tl.minimum(k_len, m0 + 1)     # keys < m0 + 1 are visible to every row of the block
+    else:
+        hi = k_len
+        full_end = k_len
+    return (full_end // BLOCK_N) * BLOCK_N, hi
+
+
+@device_function
 def _dropout_row_index(DropBase, b, h, rows, q_len, k_len, n_heads, seqlen_q, seqlen_k, offset,
                        VARLEN: tl.constexpr):
     """offset + the dropout index of element (row, key 0) for each row (int64)."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import (_LOG2E, _TUNE_KEY, _autotune_configs, _dropout_row_index, _masked_score,
-                                _pruner, _sequence_bounds)
+from ._attention_common import (_LOG2E, _TUNE_KEY, _autotune_configs, _dropout_row_index, _key_range,
+                                _masked_score, _program_block, _pruner)
 from ._common import device_function, dropout_keep_rows, mma, round_to
 
 
@@ -122,11 +122,7 @@ def _attention_bwd_dkdv(
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start, q_len, k_start, k_len = _sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
-    n0 = pid_n * BLOCK_N
+    n0, hk, b, q_start, q_len, k_start, k_len = _program_block(CuSeqQ, CuSeqK, seqlen_q, seqlen_k, BLOCK_N, VARLEN)
     if n0 >= k_len:
         return
     b64 = b.to(tl.int64)
@@ -256,11 +252,7 @@ def _attention_bwd_dq(
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start, q_len, k_start, k_len = _sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
-    m0 = pid_m * BLOCK_M
+    m0, h, b, q_start, q_len, k_start, k_len = _program_block(CuSeqQ, CuSeqK, seqlen_q, seqlen_k, BLOCK_M, VARLEN)
     if m0 >= q_len:
         return
     b64 = b.to(tl.int64)
@@ -286,13 +278,7 @@ def _attention_bwd_dq(
         drop_rows = _dropout_row_index(DropBase, b, h, rows.to(tl.int64), q_len, k_len, n_heads,
                                        seqlen_q, seqlen_k, offset, VARLEN)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(k_len, m0 + BLOCK_M)
-        full_end = tl.minimum(k_len, m0 + 1)
-    else:
-        hi = k_len
-        full_end = k_len
-    full_end = (full_end // BLOCK_N) * BLOCK_N
+    full_end, hi = _key_range(m0, k_len, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, full_end, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, kpm_base, rows, start_n, q_len, k_len,
                           stride_ks, stride_vs, stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import (_FWD_TUNE_KEY, _LN2, _autotune_configs, _dropout_row_index, _masked_score,
-                                _pruner, _sequence_bounds, _set_descriptor_blocks)
+from ._attention_common import (_FWD_TUNE_KEY, _LN2, _autotune_configs, _dropout_row_index, _key_range,
+                                _masked_score, _program_block, _pruner, _set_descriptor_blocks)
 from ._common import device_function, dropout_keep_rows, mma, round_to
 
 
@@ -128,11 +128,7 @@ def _attention_fwd(
     TMA: tl.constexpr,       # stream K/V with the tensor memory accelerator (Hopper and newer)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start, q_len, k_start, k_len = _sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
-    m0 = pid_m * BLOCK_M
+    m0, h, b, q_start, q_len, k_start, k_len = _program_block(CuSeqQ, CuSeqK, seqlen_q, seqlen_k, BLOCK_M, VARLEN)
     if m0 >= q_len:
         return
     hk = h // kv_group
@@ -158,13 +154,7 @@ def _attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(k_len, m0 + BLOCK_M)
-        full_end = tl.minimum(k_len, m0 + 1)     # keys < m0 + 1 are visible to every row of the block
-    else:
-        hi = k_len
-        full_end = k_len
-    full_end = (full_end // BLOCK_N) * BLOCK_N
+    full_end, hi = _key_range(m0, k_len, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, full_end, BLOCK_N):
         kt, v = _fwd_load_kv(k_base, v_base, KDesc, VDesc, b, hk, k_start, start_n, k_len, stride_ks, stride_vs,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, TMA, VARLEN)
