@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import fusedformer as ff  # noqa: E402
 from fusedformer.backends import BackendError  # noqa: E402
 from fusedformer.testing import check_2x as rule_2x  # noqa: E402  (the 2x rule, its one tolerance table)
+from fusedformer.testing import gelu_ffn_inputs  # noqa: E402
 
 OPS = ("attention", "gelu_ffn", "layer_norm")
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -157,13 +158,7 @@ GELU_FFN = [
 
 
 def gelu_ffn_problem(p: dict, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(p["M"] + p["C"])
-    M, C, Fw = p["M"], p["C"], p["F"]
-    t = {"x": torch.randn(M, C, generator=g, dtype=torch.float64),
-         "w1": torch.randn(Fw, C, generator=g, dtype=torch.float64) / math.sqrt(C),
-         "b1": torch.randn(Fw, generator=g, dtype=torch.float64),
-         "w2": torch.randn(C, Fw, generator=g, dtype=torch.float64) / math.sqrt(Fw),
-         "b2": torch.randn(C, generator=g, dtype=torch.float64)}
+    t = gelu_ffn_inputs(torch.Generator().manual_seed(p["M"] + p["C"]), (p["M"],), p["C"], p["F"])
 
     def fn(t, backend):
         return ff.gelu_ffn(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], p["approximate"], p["dropout_p"],

@@ -65,3 +65,25 @@ def args_with(good: dict, **changes) -> tuple[dict, dict]:
 @pytest.fixture(params=list(backends.BACKENDS))
 def backend(request):
     return request.param
+
+
+@pytest.fixture(params=["cuda", "triton"])
+def gpu_backend(request):
+    """The backends with GPU kernels: the op tests' ``gpu``-marked sweeps run on each."""
+    return request.param
+
+
+@pytest.fixture
+def tma_descriptors(monkeypatch) -> list:
+    """The Triton attention forward's K/V tensor descriptors (the Hopper TMA path, opt-in) made while
+    the test runs, with the path switched on: a test asserts the list is not empty and holds no
+    None (the path was taken, not refused)."""
+    from fusedformer.kernels import attention as kernels
+    made, real = [], kernels._tma_descriptor
+
+    def spy(t, block):
+        made.append(real(t, block))
+        return made[-1]
+    monkeypatch.setenv("FUSEDFORMER_TRITON_TMA", "1")
+    monkeypatch.setattr(kernels, "_tma_descriptor", spy)
+    return made

@@ -371,3 +371,35 @@ def test_native_op_checks_its_arguments():
         C.attention_bwd(torch.randn_like(out), q, k, v, out, lse[..., :3], None, None, 0.0, False, 0.3, None, 0)
     with pytest.raises(ValueError, match="dout"):
         C.attention_bwd(torch.randn(1, 2, 4, 7), q, k, v, out, lse, None, None, 0.0, False, 0.3, None, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU sweep (``gpu``: runs where a CUDA GPU is visible), on the cuda and triton backends
+# ------------------------------------------------------------------------------------------------
+GPU_HEAD_DIMS = [16, 32, 40, 64, 80, 96, 128, 160, 192, 256]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", GPU_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_head_dims(gpu_backend, dtype, D, causal):
+    """Every head dim to 256 with GQA, key padding (batch row 0 fully padded) and dropout; a backend
+    that cannot take a head dim on this GPU (the cuda kernels' shared memory) skips with its reason."""
+    device = skip_unless_available(op_module, gpu_backend)
+    B, H, Hk, Sq, Sk = 2, 4, 2, 257, 263
+    kpm = _padding(B, Sk, D).to(device)
+    fn = _attention_fn(key_padding_mask=kpm, is_causal=causal, dropout_p=0.1, seed=5)
+    check_against_reference("attention", fn, _qkv(B, H, Hk, Sq, Sk, D, D, transposed=False, gen_seed=D), gpu_backend,
+                            dtype, device, GRADS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 127, 1025, 4097, 16384])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_long_sequences(gpu_backend, S, causal):
+    device = skip_unless_available(op_module, gpu_backend)
+    heads = 2 if S <= 4097 else 1
+    check_against_reference("attention", _attention_fn(is_causal=causal),
+                            _qkv(1, heads, heads, S, S, 64, 64, transposed=False, gen_seed=S), gpu_backend,
+                            torch.bfloat16, device, GRADS)

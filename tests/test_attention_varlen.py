@@ -126,21 +126,12 @@ def test_triton_matches_reference(case):
     check_against_reference("attention", fn, inputs, "triton", dtype, device, ["q", "k", "v"])
 
 
-def test_triton_tma_path(monkeypatch):
+def test_triton_tma_path(tma_descriptors):
     """The forward with K/V streamed through 3-D tensor descriptors over the packed tensors (the
     Hopper path, opt-in): tiles that run past a sequence read the next one's keys and must mask them."""
-    from fusedformer.kernels import attention as kernels
-    made = []
-
-    def spy(t, block):
-        made.append(real(t, block))
-        return made[-1]
-    real = kernels._tma_descriptor
-    monkeypatch.setenv("FUSEDFORMER_TRITON_TMA", "1")
-    monkeypatch.setattr(kernels, "_tma_descriptor", spy)
     test_triton_matches_reference(TRITON_CASES[1])
     test_triton_matches_reference(TRITON_CASES[2])
-    assert made and all(d is not None for d in made), "the TMA path was not taken"
+    assert tma_descriptors and all(d is not None for d in tma_descriptors), "the TMA path was not taken"
 
 
 def test_triton_dropout_mask_is_the_reference_mask():

@@ -10,7 +10,6 @@
   both call paths; a converted nn.TransformerEncoderLayer against the original, with the dtype each
   op ran in recorded on both sides.
 """
-import math
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedformer as ff
 from fusedformer import cpu_caps
 from fusedformer.ops import _autocast, attention as attn_module, gelu_ffn as ffn_module
-from fusedformer.testing import check_2x
+from fusedformer.testing import check_2x, gelu_ffn_inputs
 
 from conftest import skip_unless_available
 from numerics import check_against_reference
@@ -146,15 +145,10 @@ def test_info_names_the_paths():
 # numerics on both paths (the 2x rule against the float64 reference)
 # ------------------------------------------------------------------------------------------------
 def _ffn_inputs(lead, C, F_, C2, *, biases=True, seed=0, noncontig=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, C, generator=g, dtype=torch.float64) * 2
+    t = gelu_ffn_inputs(torch.Generator().manual_seed(seed), lead, C, F_, C2, x_scale=2.0, biases=biases)
     if noncontig:
-        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return {"x": x,
-            "w1": torch.randn(F_, C, generator=g, dtype=torch.float64) / math.sqrt(C),
-            "b1": torch.randn(F_, generator=g, dtype=torch.float64) if biases else None,
-            "w2": torch.randn(C2, F_, generator=g, dtype=torch.float64) / math.sqrt(F_),
-            "b2": torch.randn(C2, generator=g, dtype=torch.float64) if biases else None}
+        t["x"] = t["x"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
 
 
 def _ffn_fn(approximate, dropout_p=0.0, seed=None, offset=0):

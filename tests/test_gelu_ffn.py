@@ -295,3 +295,17 @@ def test_native_op_checks_its_arguments():
         C.gelu_ffn_bwd(torch.randn_like(y), x, w1, w2, pre[:, :5], "none", 0.0, None, 0, True, True)
     with pytest.raises(ValueError, match="dy"):
         C.gelu_ffn_bwd(torch.randn(3, 5), x, w1, w2, pre, "none", 0.0, None, 0, True, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU sweep (``gpu``: runs where a CUDA GPU is visible), on the cuda and triton backends
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gpu_bert_shape(gpu_backend, dtype, approximate):
+    """BERT-base's feed-forward (768 -> 3072 -> 768) on 1000 rows, with dropout; the cuda backend
+    skips float32 with its reason (tensor-core GEMMs)."""
+    device = skip_unless_available(op_module, gpu_backend)
+    check_against_reference("gelu_ffn", _ffn_fn(approximate, 0.1, seed=1), _inputs((1000,), 768, 3072, 768),
+                            gpu_backend, dtype, device, _grads(True))

@@ -159,3 +159,17 @@ def test_reference_matches_torch_functional():
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (129,), w, b, 1e-5))
     y, _, _, _ = reference.layer_norm_fwd(x, None, w, None, 1e-6, 0.0, None, 0, True)
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (129,), w, 1e-6))
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU sweep (``gpu``: runs where a CUDA GPU is visible), on the cuda and triton backends
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [768, 1024, 4096, 8191, 16384, 65536])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_widths(gpu_backend, N, dtype):
+    """Model widths to 64k (the Triton kernels' chunked path past 8192), residual and dropout."""
+    device = skip_unless_available(op_module, gpu_backend)
+    M = 64 if N <= 16384 else 8
+    check_against_reference("layer_norm", _call(False, 0.1, 17, True, N), _inputs(M, N, residual=True, gen_seed=N),
+                            gpu_backend, dtype, device, ["x", "residual", "weight", "bias"])

@@ -18,8 +18,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-from fusedformer.train import cli, data, objectives  # noqa: E402
+from fusedformer.train import data, objectives  # noqa: E402
 from fusedformer.train.config import TrainError  # noqa: E402
+
+from train_helpers import cli_args, private_cache, records, restore_threads, run_cli  # noqa: E402,F401 (fixtures)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,35 +61,8 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "ffcache-objectives"
-    monkeypatch.setenv("FUSEDFORMER_CACHE", str(cache))
-    return cache
-
-
 def base_args(corpus_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data", str(corpus_dir / "docs.txt"), "--model", str(corpus_dir / "small.json"),
-            "--vocab-size", "300", "--seq-len", "40", "--batch-size", "8", "--eval-every", "4",
-            "--eval-samples", "32", "--no-progress", "--quiet", "--threads", "1", "--output-dir", str(out), *extra]
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = cli.main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_args(corpus_dir, out, *extra, vocab_size=300, seq_len=40, eval_every=4, eval_samples=32)
 
 
 def tokenizer_for(corpus_dir: Path):

@@ -28,6 +28,8 @@ from fusedformer.train.trainer import lr_lambda  # noqa: E402
 
 import fusedformer  # noqa: E402
 
+from train_helpers import cli_args, private_cache, records, restore_threads, run_cli  # noqa: E402,F401 (fixtures)
+
 PACKAGE_ROOT = Path(fusedformer.__file__).resolve().parents[1]  # what child processes must import
 
 
@@ -61,37 +63,8 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """Runs here use --threads 1 (several times faster on a busy machine); give the rest of the
-    session its thread count back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "ffcache"
-    monkeypatch.setenv("FUSEDFORMER_CACHE", str(cache))
-    return cache
-
-
 def base_args(corpus_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data", str(corpus_dir / "docs.txt"), "--model", str(corpus_dir / "small.json"),
-            "--vocab-size", "200", "--seq-len", "32", "--batch-size", "8", "--eval-every", "3",
-            "--eval-samples", "16", "--no-progress", "--quiet", "--threads", "1", "--output-dir", str(out), *extra]
-
-
-def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
-            if json.loads(line)["kind"] == kind]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = cli.main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_args(corpus_dir, out, *extra, vocab_size=200, seq_len=32, eval_every=3, eval_samples=16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,8 +179,8 @@ def test_exact_resume_and_hf_loadable_checkpoint(corpus_dir, tmp_path, capsys):
     assert ckpt.latest_checkpoint(b).name == "checkpoint-000003"
     code, out, err = run_cli(["pretrain", "--resume", str(b), "--no-progress", "--quiet"], capsys)
     assert code == 0, err
-    la = [(r["step"], r["loss"]) for r in train_records(a)]
-    lb = [(r["step"], r["loss"]) for r in train_records(b)]
+    la = [(r["step"], r["loss"]) for r in records(a)]
+    lb = [(r["step"], r["loss"]) for r in records(b)]
     assert la == lb and len(la) == 6
     from safetensors.torch import load_file
     wa = load_file(str(a / "checkpoint-000006" / "model.safetensors"))
@@ -231,7 +204,7 @@ def test_finetune_from_our_checkpoint(corpus_dir, tmp_path, capsys):
                               "--batch-size", "8", "--seq-len", "24", "--eval-every", "20", "--dropout", "0", "--threads", "1",
                               "--no-progress", "--quiet", "--output-dir", str(ft)], capsys)
     assert code == 0, err
-    evals = train_records(ft, "eval")
+    evals = records(ft, "eval")
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 20
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.15  # learning: from ln 3 = 1.099
     assert evals[-1]["accuracy"] > 0.5  # the words give the topic away (chance: 1/3)
@@ -247,7 +220,7 @@ def test_clm_pretrain_lowers_validation_loss(corpus_dir, tmp_path, capsys):
                             "--lr", "3e-3", "--warmup-steps", "2", "--dropout", "0"] + base_args(corpus_dir, out),
                            capsys)
     assert code == 0, err
-    evals = train_records(out, "eval")
+    evals = records(out, "eval")
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.5
     from transformers import GPT2LMHeadModel
     assert isinstance(GPT2LMHeadModel.from_pretrained(str(out / "checkpoint-000012")), GPT2LMHeadModel)
@@ -258,7 +231,7 @@ def test_gradient_accumulation_matches_one_big_batch(corpus_dir, tmp_path, capsy
     common = ["pretrain", "--backend", "torch", "--dropout", "0", "--steps", "3"]
     assert run_cli(common + base_args(corpus_dir, one), capsys)[0] == 0
     assert run_cli(common + ["--micro-batch-size", "2"] + base_args(corpus_dir, acc), capsys)[0] == 0
-    for x, y in zip(train_records(one), train_records(acc)):
+    for x, y in zip(records(one), records(acc)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["tokens"] == y["tokens"]
 
@@ -271,7 +244,7 @@ def test_peak_memory_and_mfu_accounting(corpus_dir, tmp_path, capsys):
                                 + base_args(corpus_dir, out), capsys)
     assert code == 0, err
     s = json.loads((out / "summary.json").read_text())
-    recs = train_records(out)
+    recs = records(out)
     assert s["peak_memory_kind"] == "torch_allocated_step_peak" and s["peak_memory_step"] == 2
     assert [r["step"] for r in recs if "peak_memory_mb" in r] == [2]
     assert s["peak_memory_mb"] == recs[1]["peak_memory_mb"]
@@ -350,13 +323,13 @@ def test_ddp_two_processes_match_one(corpus_dir, tmp_path, capsys, private_cache
            "-m", "fusedformer.train"] + common + base_args(corpus_dir, ddp)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    start = train_records(ddp, "start")[0]
+    start = records(ddp, "start")[0]
     assert start["world_size"] == 2 and start["micro_batch_size"] == 4
-    for x, y in zip(train_records(single), train_records(ddp)):
+    for x, y in zip(records(single), records(ddp)):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    for x, y in zip(train_records(single, "eval"), train_records(ddp, "eval")):
+    for x, y in zip(records(single, "eval"), records(ddp, "eval")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    assert len(train_records(ddp)) == 4 and (ddp / "checkpoint-000004" / "model.safetensors").is_file()
+    assert len(records(ddp)) == 4 and (ddp / "checkpoint-000004" / "model.safetensors").is_file()
     s = json.loads((ddp / "summary.json").read_text())  # MFU over both processes' measured ceilings
     assert s["mfu_ceiling_tflops_total"] > s["mfu_ceiling_tflops"] > 0
     assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / (s["mfu_ceiling_tflops_total"] * 1e12))

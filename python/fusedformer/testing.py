@@ -70,3 +70,18 @@ def assert_2x(name: str, op: str, out: torch.Tensor, ref64: torch.Tensor, base: 
     """:func:`check_2x`, raising ``AssertionError`` with its message on failure."""
     failure, _, _ = check_2x(name, op, out, ref64, base, dtype)
     assert failure is None, failure
+
+
+def gelu_ffn_inputs(generator: torch.Generator, lead, C: int, F: int, C2: Optional[int] = None, *,
+                    x_scale: float = 1.0, biases: bool = True) -> dict:
+    """float64 masters of a ``gelu_ffn`` call, drawn from ``generator`` in this order: ``x``
+    (``(*lead, C)``, times ``x_scale``), ``w1`` ``(F, C) / sqrt(C)``, ``b1`` ``(F,)``, ``w2``
+    ``(C2, F) / sqrt(F)``, ``b2`` ``(C2,)`` (``C2`` defaults to ``C``; no biases: ``None``, not
+    drawn). The tests, the emulator's tests and the GPU session's smoke run build their inputs here."""
+    C2 = C if C2 is None else C2
+    f64 = torch.float64
+    return {"x": torch.randn(*lead, C, generator=generator, dtype=f64) * x_scale,
+            "w1": torch.randn(F, C, generator=generator, dtype=f64) / math.sqrt(C),
+            "b1": torch.randn(F, generator=generator, dtype=f64) if biases else None,
+            "w2": torch.randn(C2, F, generator=generator, dtype=f64) / math.sqrt(F),
+            "b2": torch.randn(C2, generator=generator, dtype=f64) if biases else None}

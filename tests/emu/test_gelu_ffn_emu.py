@@ -8,12 +8,12 @@ db2), on widths that are multiples of 8 but not of the tiles (C = 40, F = 136, C
 rows, both GELUs, dropout (the mask compared with fusedformer.rng's), with and without biases,
 both tile configurations; the GEMM alone in both layouts against torch.matmul; every output
 written inside a NaN-filled buffer whose guard bands must come back untouched."""
-import math
 
 import pytest
 import torch
 
 from fusedformer import reference, rng
+from fusedformer.testing import gelu_ffn_inputs
 from numerics import assert_2x
 
 import emu_build  # noqa: E402  (tests/emu/; a broken emulator build fails, never skips)
@@ -50,14 +50,9 @@ class Guarded:
 
 def _masters(M, biases, gen_seed):
     g = torch.Generator().manual_seed(gen_seed)
-    return {
-        "x": torch.randn(M, C, generator=g, dtype=torch.float64) * 2,
-        "w1": torch.randn(F, C, generator=g, dtype=torch.float64) / math.sqrt(C),
-        "b1": torch.randn(F, generator=g, dtype=torch.float64) if biases else None,
-        "w2": torch.randn(C2, F, generator=g, dtype=torch.float64) / math.sqrt(F),
-        "b2": torch.randn(C2, generator=g, dtype=torch.float64) if biases else None,
-        "dy": torch.randn(M, C2, generator=g, dtype=torch.float64),
-    }
+    t = gelu_ffn_inputs(g, (M,), C, F, C2, x_scale=2.0, biases=biases)
+    t["dy"] = torch.randn(M, C2, generator=g, dtype=torch.float64)
+    return t
 
 
 def _cast(t, dtype):

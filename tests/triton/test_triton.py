@@ -3,10 +3,9 @@
 
 Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), so
 shapes here are small but awkward: odd lengths, non-power-of-two widths and head dims, tails on
-every tile edge. The ``gpu``-marked sweep at the end (long sequences, every head dim to 256,
-float16/bfloat16) runs where a GPU is visible.
+every tile edge. The ``gpu``-marked sweeps (long sequences, every head dim to 256, wide rows,
+float16/bfloat16) are the op tests' (tests/test_<op>.py), run on the cuda and triton backends alike.
 """
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from fusedformer import rng
 from fusedformer.ops import attention as attention_module
 from fusedformer.ops import gelu_ffn as gelu_ffn_module
 from fusedformer.ops import layer_norm as layer_norm_module
+from fusedformer.testing import gelu_ffn_inputs
 
 from conftest import skip_unless_available
 from numerics import check_against_reference
@@ -219,19 +219,10 @@ TMA_CASES = ["seq33-gqa-causal", "sq>sk-d128-causal", "dropout-gqa-kpm", "stride
 
 
 @pytest.mark.parametrize("case", [c for c in ATTN_CASES if c[0] in TMA_CASES], ids=TMA_CASES)
-def test_attention_tma_path(monkeypatch, case):
+def test_attention_tma_path(tma_descriptors, case):
     """The forward with K/V streamed through tensor descriptors (the Hopper path, opt-in)."""
-    from fusedformer.kernels import attention as kernels
-    made = []
-
-    def spy(t, block):
-        made.append(real(t, block))
-        return made[-1]
-    real = kernels._tma_descriptor
-    monkeypatch.setenv("FUSEDFORMER_TRITON_TMA", "1")
-    monkeypatch.setattr(kernels, "_tma_descriptor", spy)
     test_attention(case)
-    assert made and all(d is not None for d in made), "the TMA path was not taken"
+    assert tma_descriptors and all(d is not None for d in tma_descriptors), "the TMA path was not taken"
 
 
 def test_attention_tma_falls_back_on_unaligned_strides(monkeypatch):
@@ -312,12 +303,7 @@ FFN_CASES = [  # (M, C, F, C2, dtype, approximate, dropout_p, biases)
                          ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{str(c[4])[6:]}-{c[5]}-p{c[6]}" for c in FFN_CASES])
 def test_gelu_ffn(M, C, F, C2, dtype, approximate, dropout_p, biases):
     device = skip_unless_available(gelu_ffn_module, BACKEND)
-    g = _gen(M * C + F)
-    inputs = {"x": torch.randn(M, C, generator=g, dtype=torch.float64),
-              "w1": torch.randn(F, C, generator=g, dtype=torch.float64) / math.sqrt(C),
-              "b1": torch.randn(F, generator=g, dtype=torch.float64) if biases else None,
-              "w2": torch.randn(C2, F, generator=g, dtype=torch.float64) / math.sqrt(F),
-              "b2": torch.randn(C2, generator=g, dtype=torch.float64) if biases else None}
+    inputs = gelu_ffn_inputs(_gen(M * C + F), (M,), C, F, C2, biases=biases)
 
     def fn(t, backend):
         return ff.gelu_ffn(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], approximate=approximate,
@@ -339,65 +325,3 @@ def test_gelu_ffn_dropout_is_the_shared_rng(offset):
     assert torch.equal(y.cpu() != 0, keep), "dropped elements differ from fusedformer.rng's mask"
     y2 = ff.gelu_ffn(x, w1, None, w2, b2, dropout_p=p, seed=seed, offset=offset, backend=BACKEND)
     assert torch.equal(y, y2)
-
-
-# ------------------------------------------------------------------------------------------------
-# the GPU sweep (runs where a CUDA GPU is visible)
-# ------------------------------------------------------------------------------------------------
-GPU_HEAD_DIMS = [16, 32, 40, 64, 80, 96, 128, 160, 192, 256]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("D", GPU_HEAD_DIMS)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_attention_head_dims(dtype, D, causal):
-    device = skip_unless_available(attention_module, BACKEND)
-    inputs = _attn_inputs(2, 4, 2, 257, 263, D, D, None, True, False, seed=D)
-
-    def fn(t, backend):
-        return ff.attention(t["q"], t["k"], t["v"], is_causal=causal, enable_gqa=True, key_padding_mask=t["kpm"],
-                            dropout_p=0.1, seed=5, backend=backend)
-    check_against_reference("attention", fn, inputs, BACKEND, dtype, device, ["q", "k", "v"])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("S", [1, 127, 1025, 4097, 16384])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_attention_long_sequences(S, causal):
-    device = skip_unless_available(attention_module, BACKEND)
-    heads = 2 if S <= 4097 else 1
-    inputs = _attn_inputs(1, heads, heads, S, S, 64, 64, None, False, False, seed=S)
-
-    def fn(t, backend):
-        return ff.attention(t["q"], t["k"], t["v"], is_causal=causal, backend=backend)
-    check_against_reference("attention", fn, inputs, BACKEND, torch.bfloat16, device, ["q", "k", "v"])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("N", [768, 1024, 4096, 8191, 16384, 65536])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_gpu_layer_norm_widths(N, dtype):
-    device = skip_unless_available(layer_norm_module, BACKEND)
-    M = 64 if N <= 16384 else 8
-    check_against_reference("layer_norm", _ln_call(N, False, 0.1, 17, True), _ln_inputs(M, N, seed=N), BACKEND,
-                            dtype, device, ["x", "residual", "weight", "bias"])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gpu_gelu_ffn_bert_shape(dtype, approximate):
-    device = skip_unless_available(gelu_ffn_module, BACKEND)
-    M, C, F = 1000, 768, 3072
-    g = _gen(0)
-    inputs = {"x": torch.randn(M, C, generator=g, dtype=torch.float64),
-              "w1": torch.randn(F, C, generator=g, dtype=torch.float64) / math.sqrt(C),
-              "b1": torch.randn(F, generator=g, dtype=torch.float64),
-              "w2": torch.randn(C, F, generator=g, dtype=torch.float64) / math.sqrt(F),
-              "b2": torch.randn(C, generator=g, dtype=torch.float64)}
-
-    def fn(t, backend):
-        return ff.gelu_ffn(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], approximate=approximate, dropout_p=0.1,
-                           seed=1, backend=backend)
-    check_against_reference("gelu_ffn", fn, inputs, BACKEND, dtype, device, ["x", "w1", "b1", "w2", "b2"])
