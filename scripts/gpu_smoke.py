@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import fusedformer as ff  # noqa: E402
 from fusedformer.backends import BackendError  # noqa: E402
 from fusedformer.testing import check_2x as rule_2x  # noqa: E402  (the 2x rule, its one tolerance table)
-from fusedformer.testing import gelu_ffn_inputs  # noqa: E402
+from fusedformer.testing import attention_inputs, gelu_ffn_inputs  # noqa: E402
 
 OPS = ("attention", "gelu_ffn", "layer_norm")
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -108,13 +108,8 @@ def attention_problem(p: dict, dtype: torch.dtype):
     """float64 masters (a bool padding mask passes through), the call, the gradient leaves."""
     g = torch.Generator().manual_seed(p["Sq"] * 7 + p["D"] + p["Sk"])
     B, H, Hk, Sq, Sk, D, Dv = (p[k] for k in ("B", "H", "Hk", "Sq", "Sk", "D", "Dv"))
-
-    def make(heads, S, d):
-        if p["transposed"]:  # (B, S, H, D) storage seen as (B, H, S, D)
-            return torch.randn(B, S, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
-        return torch.randn(B, heads, S, d, generator=g, dtype=torch.float64)
-
-    t = {"q": make(H, Sq, D), "k": make(Hk, Sk, D), "v": make(Hk, Sk, Dv)}
+    # transposed: (B, S, H, D) storage seen as (B, H, S, D)
+    t = attention_inputs(g, B, H, Hk, Sq, Sk, D, Dv, transposed=p["transposed"])
     if p["padding"]:
         kpm = torch.rand(B, Sk, generator=g) < 0.3
         kpm[1 % B] = True               # a batch row with every key padded: its queries see nothing

@@ -14,6 +14,7 @@ import fusedformer as ff
 from fusedformer import rng
 from fusedformer.backends import BackendError
 from fusedformer.ops import attention as op_module
+from fusedformer.testing import attention_inputs
 
 from conftest import HAS_GPU, args_with, dtype_for, skip_unless_available
 from numerics import check_against_reference
@@ -29,13 +30,7 @@ def _skip_if_slow_here(backend, B, H, Sq, Sk, D):
 
 def _qkv(B, H, Hk, Sq, Sk, D, Dv, *, transposed, gen_seed):
     """float64 masters; ``transposed`` builds (B, S, H, D) storage viewed as (B, H, S, D)."""
-    g = torch.Generator().manual_seed(gen_seed)
-
-    def make(heads, S, d):
-        if transposed:
-            return torch.randn(B, S, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
-        return torch.randn(B, heads, S, d, generator=g, dtype=torch.float64)
-    return {"q": make(H, Sq, D), "k": make(Hk, Sk, D), "v": make(Hk, Sk, Dv)}
+    return attention_inputs(torch.Generator().manual_seed(gen_seed), B, H, Hk, Sq, Sk, D, Dv, transposed=transposed)
 
 
 def _attention_fn(*, attn_mask=None, key_padding_mask=None, dropout_p=0.0, is_causal=False, scale=None,

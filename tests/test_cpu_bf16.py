@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedformer as ff
 from fusedformer import cpu_caps
 from fusedformer.ops import _autocast, attention as attn_module, gelu_ffn as ffn_module
-from fusedformer.testing import check_2x, gelu_ffn_inputs
+from fusedformer.testing import attention_inputs, check_2x, gelu_ffn_inputs
 
 from conftest import skip_unless_available
 from numerics import check_against_reference
@@ -191,12 +191,7 @@ def test_gelu_ffn_bf16_row_blocks():
 
 def _attn_inputs(B, H, Hk, Sq, Sk, D, Dv, *, transposed, seed):
     g = torch.Generator().manual_seed(seed)
-
-    def make(heads, S, d):
-        if transposed:
-            return torch.randn(B, S, heads, d, generator=g, dtype=torch.float64).transpose(1, 2)
-        return torch.randn(B, heads, S, d, generator=g, dtype=torch.float64)
-    return {"q": make(H, Sq, D), "k": make(Hk, Sk, D), "v": make(Hk, Sk, Dv)}, g
+    return attention_inputs(g, B, H, Hk, Sq, Sk, D, Dv, transposed=transposed), g
 
 
 def _attn_fn(*, is_causal=False, key_padding_mask=None, dropout_p=0.0, seed=None):

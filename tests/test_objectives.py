@@ -21,7 +21,8 @@ pytest.importorskip("safetensors")
 from fusedformer.train import data, objectives  # noqa: E402
 from fusedformer.train.config import TrainError  # noqa: E402
 
-from train_helpers import cli_args, private_cache, records, restore_threads, run_cli  # noqa: E402,F401 (fixtures)
+from train_helpers import (assert_one_line_error, cli_args, private_cache, records, restore_threads,  # noqa: E402,F401
+                           run_cli)  # (the fixtures are used by name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,15 +357,6 @@ def test_compare_new_objectives(corpus_dir, tmp_path, capsys, objective):
 # ------------------------------------------------------------------------------------------------
 # bad input: one line that says what to do
 # ------------------------------------------------------------------------------------------------
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fusedformer-train: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_objective_and_model_mismatch_is_one_line(corpus_dir, tmp_path, capsys):
     code, _, err = run_cli(["pretrain", "--objective", "denoise", "--steps", "2"] +
                            base_args(corpus_dir, tmp_path / "r", "--model", str(corpus_dir / "bert.json")), capsys)

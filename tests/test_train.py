@@ -28,7 +28,8 @@ from fusedformer.train.trainer import lr_lambda  # noqa: E402
 
 import fusedformer  # noqa: E402
 
-from train_helpers import cli_args, private_cache, records, restore_threads, run_cli  # noqa: E402,F401 (fixtures)
+from train_helpers import (assert_one_line_error, cli_args, private_cache, records, restore_threads,  # noqa: E402,F401
+                           run_cli)  # (the fixtures are used by name)
 
 PACKAGE_ROOT = Path(fusedformer.__file__).resolve().parents[1]  # what child processes must import
 
@@ -362,15 +363,6 @@ def test_torchrun_rank_ends_without_finalizing(monkeypatch, capsys, world_size, 
 # ------------------------------------------------------------------------------------------------
 # bad input: one line that says what to do; nothing written is lost
 # ------------------------------------------------------------------------------------------------
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fusedformer-train: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_missing_data_file(tmp_path, capsys):
     code, _, err = run_cli(["pretrain", "--data", str(tmp_path / "nope.txt"), "--steps", "2", "--quiet",
                             "--output-dir", str(tmp_path / "r")], capsys)

@@ -49,3 +49,13 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = cli.main(args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Bad input: exit status 2 and one line, ``fusedformer-train: error: ...``, naming each needle."""
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fusedformer-train: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]

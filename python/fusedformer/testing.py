@@ -85,3 +85,16 @@ def gelu_ffn_inputs(generator: torch.Generator, lead, C: int, F: int, C2: Option
             "b1": torch.randn(F, generator=generator, dtype=f64) if biases else None,
             "w2": torch.randn(C2, F, generator=generator, dtype=f64) / math.sqrt(F),
             "b2": torch.randn(C2, generator=generator, dtype=f64) if biases else None}
+
+
+def attention_inputs(generator: torch.Generator, B: int, H: int, Hk: int, Sq: int, Sk: int, D: int, Dv: int, *,
+                     transposed: bool = False) -> dict:
+    """float64 masters ``q`` ``(B, H, Sq, D)``, ``k`` ``(B, Hk, Sk, D)``, ``v`` ``(B, Hk, Sk, Dv)``,
+    drawn from ``generator`` in that order; ``transposed``: each drawn as ``(B, S, heads, d)``
+    storage and seen as ``(B, heads, S, d)`` (strided, head dim contiguous), as a projection's
+    output reshaped into heads is."""
+    def make(heads, S, d):
+        if transposed:
+            return torch.randn(B, S, heads, d, generator=generator, dtype=torch.float64).transpose(1, 2)
+        return torch.randn(B, heads, S, d, generator=generator, dtype=torch.float64)
+    return {"q": make(H, Sq, D), "k": make(Hk, Sk, D), "v": make(Hk, Sk, Dv)}

@@ -15,7 +15,7 @@ from fusedformer import rng
 from fusedformer.ops import attention as attention_module
 from fusedformer.ops import gelu_ffn as gelu_ffn_module
 from fusedformer.ops import layer_norm as layer_norm_module
-from fusedformer.testing import gelu_ffn_inputs
+from fusedformer.testing import attention_inputs, gelu_ffn_inputs
 
 from conftest import skip_unless_available
 from numerics import check_against_reference
@@ -177,15 +177,8 @@ ATTN_CASES = [
 
 def _attn_inputs(B, H, Hk, Sq, Sk, D, Dv, mask, kpm, strided, seed):
     g = _gen(seed)
-    if strided:  # (B, S, H, D) storage viewed as (B, H, S, D): strided, head dim contiguous
-        q = torch.randn(B, Sq, H, D, generator=g, dtype=torch.float64).transpose(1, 2)
-        k = torch.randn(B, Sk, Hk, D, generator=g, dtype=torch.float64).transpose(1, 2)
-        v = torch.randn(B, Sk, Hk, Dv, generator=g, dtype=torch.float64).transpose(1, 2)
-    else:
-        q = torch.randn(B, H, Sq, D, generator=g, dtype=torch.float64)
-        k = torch.randn(B, Hk, Sk, D, generator=g, dtype=torch.float64)
-        v = torch.randn(B, Hk, Sk, Dv, generator=g, dtype=torch.float64)
-    d = {"q": q, "k": k, "v": v, "mask": None, "kpm": None}
+    # strided: (B, S, H, D) storage viewed as (B, H, S, D), head dim contiguous
+    d = {**attention_inputs(g, B, H, Hk, Sq, Sk, D, Dv, transposed=strided), "mask": None, "kpm": None}
     if mask == "float":   # broadcast over the batch, with some -inf
         m = torch.randn(1, H, Sq, Sk, generator=g, dtype=torch.float64)
         m[torch.rand(m.shape, generator=g) < 0.2] = float("-inf")
