@@ -30,7 +30,7 @@ _MASKED_SCORE2 = tl.constexpr(-256.0 * 1.4426950408889634)   # in log2 units
 # dtype and head dim, best default first: with autotuning switched off
 # (FUSEDFORMER_TRITON_AUTOTUNE=0) the first tile that fits is used without timing.
 # Lengths enter the key as power-of-two buckets, so a new length does not re-tune.
-_TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_DROPOUT", "HAS_MASK", "DROP_ALIGNED4"]
+_TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_DROPOUT", "HAS_MASK", "DROP_ALIGNED"]
 _FWD_TUNE_KEY = _TUNE_KEY + ["TMA"]
 
 

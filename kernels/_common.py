@@ -1,19 +1,20 @@
 """Pieces shared by the Triton kernels: the project's dropout RNG in Triton, and launch helpers.
 
 Dropout (the mapping is written down once, in ``fusedformer.rng``): element ``i = offset + n`` of a
-dropout site, with ``n`` its row-major index in the logical tensor, is kept iff
+dropout site, with ``n`` its row-major index in the logical tensor, draws the 16-bit half ``i & 1``
+(0: the low half) of word ``(i >> 1) & 3`` of
 
-    Philox4x32_10(counter=(lo32(i >> 2), hi32(i >> 2), 0, 0), key=(lo32(seed), hi32(seed)))[i & 3]
-        >= floor(p * 2**32)
+    Philox4x32_10(counter=(lo32(i >> 3), hi32(i >> 3), 0, 0), key=(lo32(seed), hi32(seed)))
 
-``tl.philox(seed, c0, c1, 0, 0)`` computes exactly those four words (checked against
-``fusedformer.rng`` in tests/triton/test_triton.py). Two ways to draw a tile:
+and is kept iff that draw ``>= floor(p * 2**16)``. ``tl.philox(seed, c0, c1, 0, 0)`` computes the
+block's four words (checked against ``fusedformer.rng`` in tests/triton/test_triton.py). Two ways
+to draw a tile:
 
-* :func:`philox_draw` — one Philox block per element, picking the element's word: any index
-  layout, at four times the minimum generator work (four neighbours repeat a block);
+* :func:`philox_draw` — one Philox block per element, picking the element's half-word: any index
+  layout, at eight times the minimum generator work (eight neighbours repeat a block);
 * :func:`philox_draw_rows` — for tiles whose rows start on a block boundary (row length and
-  offset multiples of 4, the common case): one block per four neighbours, its words interleaved
-  back into place. The kernels pick it with their ``*_ALIGNED4`` constexpr.
+  offset multiples of 8, the common case): one block per eight neighbours, its half-words
+  interleaved back into place. The kernels pick it with their ``*_ALIGNED`` constexpr.
 
 Everything here is defined at import; nothing runs.
 """
@@ -41,17 +42,22 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-try:  # the one Python seed conversion; installed as fusedformer.kernels
-    from ..rng import seed_int as seed_value  # noqa: E402
+try:  # the one Python seed conversion and dropout constants; installed as fusedformer.kernels
+    from .. import rng  # noqa: E402
 except ImportError:  # loaded as a top-level ``kernels`` package (scripts/triton_aot_check.py)
-    from fusedformer.rng import seed_int as seed_value  # noqa: E402
+    from fusedformer import rng  # noqa: E402
+seed_value = rng.seed_int
+
+# Indices per Philox block: rows of dropout indices that start on a multiple of this take
+# philox_draw_rows (the launchers' *_ALIGNED constexprs).
+DROP_BLOCK = rng.DRAWS_PER_BLOCK
 
 
 def dropout_constants(p: float) -> tuple[int, float]:
     """``(threshold, keep_scale)`` for dropout probability ``p`` (see ``fusedformer.rng``)."""
     if p <= 0.0:
         return 0, 1.0
-    return int(p * 4294967296.0), 1.0 / (1.0 - p)
+    return rng.threshold(p), rng.keep_scale(p)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -79,32 +85,35 @@ def philox_draw(
     seed,          # scalar int: the dropout seed (64-bit)
     idx,           # int64 tensor: offset + logical element index n, any shape
 ):
-    """The uint32 draw of every element of ``idx`` (``fusedformer.rng``'s mapping)."""
-    block = idx >> 2
+    """The 16-bit draw of every element of ``idx`` (``fusedformer.rng``'s mapping), as uint32."""
+    block = idx >> 3
     c0 = (block & 0xFFFFFFFF).to(tl.uint32)
     c1 = (block >> 32).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, 0, 0)
-    word = idx & 3
-    return tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    word = (idx >> 1) & 3
+    w = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return tl.where((idx & 1) == 0, w & 0xFFFF, w >> 16)
 
 
 @device_function
 def philox_draw_rows(
     seed,                   # scalar int: the dropout seed
-    row_index,              # (R,) int64: offset + index of each row's element 0; multiples of 4
-    start,                  # first column of the tile; a multiple of 4
-    BLOCK_N: tl.constexpr,  # columns of the tile; a multiple of 4
+    row_index,              # (R,) int64: offset + index of each row's element 0; multiples of 8
+    start,                  # first column of the tile; a multiple of 8
+    BLOCK_N: tl.constexpr,  # columns of the tile; a multiple of 8
 ):
     """The (R, BLOCK_N) draws of elements ``row_index[r] + start + c`` when every row starts on a
-    Philox block: one block per four neighbours, its four words interleaved back into column order
-    — a quarter of :func:`philox_draw`'s generator work."""
-    block = ((row_index + start) >> 2)[:, None] + tl.arange(0, BLOCK_N // 4)[None, :]
+    Philox block: one block per eight neighbours, its half-words interleaved back into column
+    order — an eighth of :func:`philox_draw`'s generator work."""
+    block = ((row_index + start) >> 3)[:, None] + tl.arange(0, BLOCK_N // 8)[None, :]
     c0 = (block & 0xFFFFFFFF).to(tl.uint32)
     c1 = (block >> 32).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, 0, 0)
-    # join(join(r0, r2), join(r1, r3))[r, j, a, b] is word 2a + b of block j: row-major = column order
+    # join(join(r0, r2), join(r1, r3))[r, j, a, b] is word 2a + b of block j; its halves joined
+    # last, [r, j, a, b, h] is the draw of column 8j + 2(2a + b) + h: row-major = column order
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    return tl.reshape(words, [row_index.shape[0], BLOCK_N])
+    halves = tl.join(words & 0xFFFF, words >> 16)
+    return tl.reshape(halves, [row_index.shape[0], BLOCK_N])
 
 
 @device_function
@@ -112,13 +121,13 @@ def dropout_keep_rows(
     seed,                       # scalar int: the dropout seed
     row_index,                  # (R,) int64: offset + index of each row's element at column 0
     start,                      # first column of the tile
-    threshold,                  # floor(p * 2**32)
-    BLOCK_N: tl.constexpr,      # columns of the tile (a multiple of 4)
-    ALIGNED4: tl.constexpr,     # every row_index and start a multiple of 4: philox_draw_rows
+    threshold,                  # floor(p * 2**16)
+    BLOCK_N: tl.constexpr,      # columns of the tile (a multiple of 8)
+    ALIGNED: tl.constexpr,      # every row_index and start a multiple of 8: philox_draw_rows
     TRANSPOSED: tl.constexpr,   # return the (BLOCK_N, R) mask
 ):
     """Keep-mask of the (R, BLOCK_N) tile of elements ``row_index[r] + start + c``."""
-    if ALIGNED4:
+    if ALIGNED:
         draws = philox_draw_rows(seed, row_index, start, BLOCK_N)
     else:
         draws = philox_draw(seed, row_index[:, None] + (start + tl.arange(0, BLOCK_N))[None, :])
@@ -131,7 +140,7 @@ def dropout_keep_rows(
 def dropout_keep(
     seed,          # scalar int: the dropout seed (64-bit)
     idx,           # int64 tensor: offset + logical element index n, any shape
-    threshold,     # scalar int: floor(p * 2**32); an element is kept iff its draw >= threshold
+    threshold,     # scalar int: floor(p * 2**16); an element is kept iff its draw >= threshold
 ):
     """Boolean keep-mask of ``idx``'s shape (``fusedformer.rng``'s mapping)."""
     return philox_draw(seed, idx) >= tl.to_tensor(threshold).to(tl.uint32)

@@ -68,7 +68,7 @@ import triton
 
 from . import _configs as _cfg
 from ._attention_common import TensorDescriptor
-from ._common import dot_precision, dropout_constants, next_pow2, seed_value
+from ._common import DROP_BLOCK, dot_precision, dropout_constants, next_pow2, seed_value
 # The kernels, by concern: forward, backward, and what they share (tiles, pruners, masking).
 from .attention_bwd import _attention_bwd_dkdv, _attention_bwd_dq, _bwd_delta
 from .attention_fwd import _attention_fwd
@@ -121,8 +121,9 @@ class _Problem:
         self.threshold, self.drop_scale = dropout_constants(dropout_p)
         self.has_dropout = dropout_p > 0.0
         self.seed, self.offset = seed_value(seed), int(offset)
-        # Every row of P starts on a Philox block: one block serves four neighbouring keys.
-        self.drop_aligned4 = self.has_dropout and not varlen and self.Sk % 4 == 0 and self.offset % 4 == 0
+        # Every row of P starts on a Philox block: one block serves eight neighbouring keys.
+        self.drop_aligned = (self.has_dropout and not varlen
+                             and self.Sk % DROP_BLOCK == 0 and self.offset % DROP_BLOCK == 0)
         self.drop_base = None
         if varlen and self.has_dropout:
             lq = (cu_q[1:] - cu_q[:-1]).to(torch.int64)
@@ -147,7 +148,7 @@ class _Problem:
     def constexprs(self):
         return dict(HEAD_DIM=self.D, HEAD_DIM_V=self.Dv, BLOCK_D=max(16, next_pow2(self.D)),
                     BLOCK_DV=max(16, next_pow2(self.Dv)), CAUSAL=self.causal, HAS_MASK=self.mask is not None,
-                    HAS_KPM=self.kpm is not None, HAS_DROPOUT=self.has_dropout, DROP_ALIGNED4=self.drop_aligned4,
+                    HAS_KPM=self.kpm is not None, HAS_DROPOUT=self.has_dropout, DROP_ALIGNED=self.drop_aligned,
                     VARLEN=self.varlen,
                     DOT_PRECISION=dot_precision(self.q.dtype))
 

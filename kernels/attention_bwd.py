@@ -53,7 +53,7 @@ def _bwd_dkdv_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,    # tile straddles the causal diagonal
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROP_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Work in the transposed orientation (keys x queries) so that dK, dV come out row-major.
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -80,7 +80,7 @@ def _bwd_dkdv_tile(
     dpt = mma(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32), DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep_rows(seed, drop_base + rows.to(tl.int64) * k_len, start_n, drop_threshold, BLOCK_N,
-                             DROP_ALIGNED4, True)
+                             DROP_ALIGNED, True)
         dv = mma(round_to(tl.where(keep, pt, 0.0), do.dtype), do, dv, DOT_PRECISION)
         dpt = tl.where(keep, dpt * drop_scale, 0.0)
     else:
@@ -118,7 +118,7 @@ def _attention_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,            # dropout rows start on Philox blocks (Sk, offset multiples of 4)
+    DROP_ALIGNED: tl.constexpr,             # dropout rows start on Philox blocks (Sk, offset multiples of 8)
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -165,13 +165,13 @@ def _attention_bwd_dkdv(
                                     n0, start_m, q_len, k_len, stride_qs, stride_dos, stride_ls, stride_ds,
                                     stride_mq, stride_mk, qk_scale2, seed, drop_base, drop_threshold, drop_scale,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, HAS_MASK,
-                                    HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
+                                    HAS_KPM, HAS_DROPOUT, DROP_ALIGNED, DOT_PRECISION)
         for start_m in range(full_start, q_len, BLOCK_M):
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, cols, pad,
                                     n0, start_m, q_len, k_len, stride_qs, stride_dos, stride_ls, stride_ds,
                                     stride_mq, stride_mk, qk_scale2, seed, drop_base, drop_threshold, drop_scale,
                                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, HAS_MASK,
-                                    HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
+                                    HAS_KPM, HAS_DROPOUT, DROP_ALIGNED, DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + k_rows[:, None] * stride_dks + d[None, :],
              round_to(dk, DK.dtype.element_ty), mask=col_ok[:, None] & (d < HEAD_DIM)[None, :])
@@ -193,7 +193,7 @@ def _bwd_dq_tile(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROP_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_len
@@ -219,7 +219,7 @@ def _bwd_dq_tile(
         p = tl.where(pad[None, :], 0.0, p)
     dp = mma(do, vt, tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep_rows(seed, drop_rows, start_n, drop_threshold, BLOCK_N, DROP_ALIGNED4, False)
+        keep = dropout_keep_rows(seed, drop_rows, start_n, drop_threshold, BLOCK_N, DROP_ALIGNED, False)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return mma(round_to(ds, kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
@@ -248,7 +248,7 @@ def _attention_bwd_dq(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,            # dropout rows start on Philox blocks (Sk, offset multiples of 4)
+    DROP_ALIGNED: tl.constexpr,             # dropout rows start on Philox blocks (Sk, offset multiples of 8)
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -283,11 +283,11 @@ def _attention_bwd_dq(
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, kpm_base, rows, start_n, q_len, k_len,
                           stride_ks, stride_vs, stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold,
                           drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, CAUSAL, HAS_MASK,
-                          HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
+                          HAS_KPM, HAS_DROPOUT, DROP_ALIGNED, DOT_PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, kpm_base, rows, start_n, q_len, k_len,
                           stride_ks, stride_vs, stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold,
                           drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, CAUSAL, HAS_MASK,
-                          HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
+                          HAS_KPM, HAS_DROPOUT, DROP_ALIGNED, DOT_PRECISION)
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + t_rows[:, None] * stride_dqs + d[None, :],
              round_to(dq * sm_scale, DQ.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])

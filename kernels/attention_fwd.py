@@ -25,7 +25,7 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,    # tile straddles the sequence end or the causal diagonal
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROP_ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_len
@@ -49,7 +49,7 @@ def _fwd_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
-        keep = dropout_keep_rows(seed, drop_rows, start_n, drop_threshold, BLOCK_N, DROP_ALIGNED4, False)
+        keep = dropout_keep_rows(seed, drop_rows, start_n, drop_threshold, BLOCK_N, DROP_ALIGNED, False)
         p = tl.where(keep, p, 0.0)
     acc = mma(round_to(p, v.dtype), v, acc, DOT_PRECISION)
     return acc, l_i, m_new
@@ -123,7 +123,7 @@ def _attention_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,            # dropout rows start on Philox blocks (Sk, offset multiples of 4)
+    DROP_ALIGNED: tl.constexpr,             # dropout rows start on Philox blocks (Sk, offset multiples of 8)
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,       # stream K/V with the tensor memory accelerator (Hopper and newer)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -160,13 +160,13 @@ def _attention_fwd(
                              HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, TMA, VARLEN)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, mask_base, kpm_base, rows, start_n, q_len, k_len,
                                   stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold, BLOCK_N,
-                                  False, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
+                                  False, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DROP_ALIGNED, DOT_PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
         kt, v = _fwd_load_kv(k_base, v_base, KDesc, VDesc, b, hk, k_start, start_n, k_len, stride_ks, stride_vs,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, TMA, VARLEN)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, mask_base, kpm_base, rows, start_n, q_len, k_len,
                                   stride_mq, stride_mk, qk_scale2, seed, drop_rows, drop_threshold, BLOCK_N,
-                                  True, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DROP_ALIGNED4, DOT_PRECISION)
+                                  True, CAUSAL, HAS_MASK, HAS_KPM, HAS_DROPOUT, DROP_ALIGNED, DOT_PRECISION)
 
     empty = l_i == 0.0                           # every key masked: output 0, lse -inf
     out = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]

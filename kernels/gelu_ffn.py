@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from . import _configs as _cfg
-from ._common import (autotune_enabled, device_function, dot_precision, dropout_constants, dropout_keep_rows,
-                      interpreting, mma, round_to, seed_value)
+from ._common import (DROP_BLOCK, autotune_enabled, device_function, dot_precision, dropout_constants,
+                      dropout_keep_rows, interpreting, mma, round_to, seed_value)
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -169,7 +169,7 @@ def _gemm_epilogue(
     TANH: tl.constexpr,           # tanh approximation of GELU instead of erf
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4: one Philox block per four outputs
+    DROP_ALIGNED: tl.constexpr,   # N and offset multiples of 8: one Philox block per eight outputs
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -204,7 +204,7 @@ def _gemm_epilogue(
         y = round_to(acc, out_ty)
         if HAS_DROPOUT:
             keep = dropout_keep_rows(seed, offset + rows * N, pid_n * BLOCK_N, drop_threshold, BLOCK_N,
-                                     DROP_ALIGNED4, False)
+                                     DROP_ALIGNED, False)
             y = round_to(tl.where(keep, y.to(tl.float32) * drop_scale, 0.0), out_ty)
         tl.store(C + offs, y, mask=mask)
     elif EPILOGUE == "gelu_grad":
@@ -269,14 +269,14 @@ def _dropout_scale(
     numel,
     seed, offset, drop_threshold, drop_scale,
     BLOCK: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,  # offset a multiple of 4
+    DROP_ALIGNED: tl.constexpr,   # offset a multiple of 8
 ):
     first = tl.program_id(0).to(tl.int64) * BLOCK
     offs = first + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     one_row = tl.zeros([1], dtype=tl.int64) + offset + first
-    keep = tl.reshape(dropout_keep_rows(seed, one_row, 0, drop_threshold, BLOCK, DROP_ALIGNED4, False), [BLOCK])
+    keep = tl.reshape(dropout_keep_rows(seed, one_row, 0, drop_threshold, BLOCK, DROP_ALIGNED, False), [BLOCK])
     tl.store(Y + offs, round_to(tl.where(keep, x * drop_scale, 0.0), Y.dtype.element_ty), mask=mask)
 
 
@@ -295,7 +295,7 @@ def _gemm(a, b_t, bias, aux, out, out2, *, epilogue, tanh=False, dropout=(0, 1.0
         M, N, K, a.stride(0), a.stride(1), b_t.stride(0), b_t.stride(1),
         seed, offset, threshold, scale,
         EPILOGUE=epilogue, TANH=tanh, HAS_BIAS=bias is not None, HAS_DROPOUT=threshold > 0,
-        DROP_ALIGNED4=threshold > 0 and N % 4 == 0 and offset % 4 == 0,
+        DROP_ALIGNED=threshold > 0 and N % DROP_BLOCK == 0 and offset % DROP_BLOCK == 0,
         DOT_PRECISION=dot_precision(a.dtype))
 
 
@@ -361,7 +361,7 @@ def gelu_ffn_bwd(
         block = 1024
         _dropout_scale[(triton.cdiv(dy.numel(), block),)](
             dy, dz, dy.numel(), seed_value(seed), int(offset), threshold, scale, BLOCK=block,
-            DROP_ALIGNED4=int(offset) % 4 == 0)
+            DROP_ALIGNED=int(offset) % DROP_BLOCK == 0)
     dpre = x.new_empty(M, F)
     _gemm(dz, w2, None, pre, dpre, None, epilogue="gelu_grad", tanh=tanh)
     dw2 = torch.empty_like(w2)

@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from . import _configs as _cfg
-from ._common import (autotune_enabled, device_function, dropout_constants, dropout_keep_rows, interpreting,
-                      next_pow2, num_sms, round_to, seed_value)
+from ._common import (DROP_BLOCK, autotune_enabled, device_function, dropout_constants, dropout_keep_rows,
+                      interpreting, next_pow2, num_sms, round_to, seed_value)
 
 # Widest row kept whole in registers (the `_rows` strategy); wider rows use `_chunked`. Read at
 # call time (tests lower it to reach the chunked path with small shapes).
@@ -107,15 +107,15 @@ def _keep(
     start,                      # first column of the tile
     threshold,
     BLOCK_N: tl.constexpr,
-    ALIGNED4: tl.constexpr,     # N and offset multiples of 4: one Philox block per four elements
+    ALIGNED: tl.constexpr,      # N and offset multiples of 8: one Philox block per eight elements
     ROWS: tl.constexpr,         # a (rows, BLOCK_N) tile; else one row's (BLOCK_N,) chunk
 ):
     """Dropout keep-mask of the tile of elements ``row_first + start + c``."""
     if ROWS:
-        return dropout_keep_rows(seed, row_first, start, threshold, BLOCK_N, ALIGNED4, False)
+        return dropout_keep_rows(seed, row_first, start, threshold, BLOCK_N, ALIGNED, False)
     else:
         one_row = tl.zeros([1], dtype=tl.int64) + row_first
-        return tl.reshape(dropout_keep_rows(seed, one_row, start, threshold, BLOCK_N, ALIGNED4, False), [BLOCK_N])
+        return tl.reshape(dropout_keep_rows(seed, one_row, start, threshold, BLOCK_N, ALIGNED, False), [BLOCK_N])
 
 
 @device_function
@@ -179,7 +179,7 @@ def _layer_norm_fwd_rows(
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
+    DROP_ALIGNED: tl.constexpr,   # N and offset multiples of 8 (see _keep)
     STORE_H: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -192,7 +192,7 @@ def _layer_norm_fwd_rows(
     offs = rows[:, None] * N + cols[None, :]
     keep = mask
     if HAS_DROPOUT:
-        keep = _keep(seed, offset + rows * N, 0, drop_threshold, BLOCK_N, DROP_ALIGNED4, True)
+        keep = _keep(seed, offset + rows * N, 0, drop_threshold, BLOCK_N, DROP_ALIGNED, True)
     h = _prenorm_sum(X, R, offs, mask, keep, drop_scale, HAS_RESIDUAL, HAS_DROPOUT)
     if STORE_H:
         tl.store(Hout + offs, round_to(h, Hout.dtype.element_ty), mask=mask)
@@ -233,7 +233,7 @@ def _layer_norm_fwd_chunked(
     BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
+    DROP_ALIGNED: tl.constexpr,   # N and offset multiples of 8 (see _keep)
     STORE_H: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -251,7 +251,7 @@ def _layer_norm_fwd_chunked(
         mask = cols < N
         keep = mask
         if HAS_DROPOUT:
-            keep = _keep(seed, offset + base, start, drop_threshold, BLOCK_N, DROP_ALIGNED4, False)
+            keep = _keep(seed, offset + base, start, drop_threshold, BLOCK_N, DROP_ALIGNED, False)
         h = _prenorm_sum(X, R, base + cols, mask, keep, drop_scale, HAS_RESIDUAL, HAS_DROPOUT)
         if STORE_H:
             tl.store(Hout + base + cols, round_to(h, Hout.dtype.element_ty), mask=mask)
@@ -293,9 +293,9 @@ def _layer_norm_fwd_chunked(
         tl.store(Y + base + cols, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
-def _aligned4(dropout_p: float, N: int, offset: int) -> bool:
+def _drop_aligned(dropout_p: float, N: int, offset: int) -> bool:
     """Every row of dropout indices starts on a Philox block (see ``_common.philox_draw_rows``)."""
-    return dropout_p > 0.0 and N % 4 == 0 and int(offset) % 4 == 0
+    return dropout_p > 0.0 and N % DROP_BLOCK == 0 and int(offset) % DROP_BLOCK == 0
 
 
 def layer_norm_fwd(
@@ -324,7 +324,7 @@ def layer_norm_fwd(
             bias if bias is not None else x, y, h if store_h else x, mean if not rms else rstd, rstd,
             M, N, float(eps), seed_value(seed), int(offset), threshold, scale)
     flags = dict(HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
-                 DROP_ALIGNED4=_aligned4(dropout_p, N, offset), STORE_H=store_h,
+                 DROP_ALIGNED=_drop_aligned(dropout_p, N, offset), STORE_H=store_h,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=bool(rms))
     if N <= ROWS_MAX_WIDTH:
         block_n = next_pow2(N)
@@ -359,7 +359,7 @@ def _layer_norm_bwd_rows(
     HAS_DH_IN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
+    DROP_ALIGNED: tl.constexpr,   # N and offset multiples of 8 (see _keep)
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     RMS: tl.constexpr,
@@ -396,7 +396,7 @@ def _layer_norm_bwd_rows(
             dh += tl.load(DHin + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DH + offs, round_to(dh, DH.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = _keep(seed, offset + rows * N, 0, drop_threshold, BLOCK_N, DROP_ALIGNED4, True)
+            keep = _keep(seed, offset + rows * N, 0, drop_threshold, BLOCK_N, DROP_ALIGNED, True)
             tl.store(DX + offs, round_to(tl.where(keep, dh * drop_scale, 0.0), DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             acc_dw += tl.sum(dy * xhat, axis=0)
@@ -470,7 +470,7 @@ def _layer_norm_bwd_chunked(
     HAS_DH_IN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    DROP_ALIGNED4: tl.constexpr,  # N and offset multiples of 4 (see _keep)
+    DROP_ALIGNED: tl.constexpr,   # N and offset multiples of 8 (see _keep)
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     RMS: tl.constexpr,
@@ -505,7 +505,7 @@ def _layer_norm_bwd_chunked(
         tl.store(DH + offs, round_to(dh, DH.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
             keep = _keep(seed, offset + tl.cast(row, tl.int64) * N, tl.program_id(1) * BLOCK_N, drop_threshold,
-                         BLOCK_N, DROP_ALIGNED4, False)
+                         BLOCK_N, DROP_ALIGNED, False)
             tl.store(DX + offs, round_to(tl.where(keep, dh * drop_scale, 0.0), DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             acc_dw += dy * xhat
@@ -552,7 +552,7 @@ def layer_norm_bwd(
     part_w = h.new_empty((groups, N), dtype=torch.float32) if compute_dw else rstd
     part_b = h.new_empty((groups, N), dtype=torch.float32) if compute_db else rstd
     flags = dict(HAS_DH_IN=dh_out is not None, HAS_WEIGHT=weight is not None, HAS_DROPOUT=has_dropout,
-                 DROP_ALIGNED4=_aligned4(dropout_p, N, offset),
+                 DROP_ALIGNED=_drop_aligned(dropout_p, N, offset),
                  COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RMS=bool(rms))
     w_arg = weight if weight is not None else h
     mean_arg = mean if not rms else rstd

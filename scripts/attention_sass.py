@@ -11,8 +11,10 @@ reads the SASS with ``cuobjdump -sass`` and reports, per kernel instantiation:
 The per-path rows come from probe instantiations that force every tile through one path
 (``TilePath::kPlain`` — no mask, padding, causal or bounds work on the tile — or ``TilePath::kMasked``,
 the general path), with and without dropout, compiled with FF_ATTENTION_COUNT_SHARED_DRAWS: the
-dropout draws of the common case (offset and Sk multiples of 4, Philox blocks shared between lanes)
-without the general fallback. The kernels nvcc builds into fusedformer._C (``--built``) decide the
+dropout draws of the common case (offset and Sk multiples of 8, Philox blocks shared between lanes)
+without the general fallback; and FF_ATTENTION_COUNT_MASK_TILE: the DP 128 forward's attn_mask from
+its shared-memory tile, without the global-memory reads it falls back to where the tile does not fit
+(a float32 mask on sm_86 / sm_89). The kernels nvcc builds into fusedformer._C (``--built``) decide the
 path per tile at run time (``TilePath::kAuto``) and hold every path. Static counts are compiler
 facts, not speed: a loop's instructions are counted once however often a path runs them.
 
@@ -31,8 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from check_cubins import demangle, find_cuobjdump  # noqa: E402
 
-# Score elements per thread per tile (4 warps of 32 threads): fwd / dq BQ x BK, bwd BKb x BQb.
-ELEMS = {("fwd", 64): 64 * 64 // 128, ("fwd", 128): 64 * 64 // 128, ("fwd", 256): 64 * 32 // 128,
+# Score elements per thread per tile: fwd / dq BQ x BK, bwd BKb x BQb over 4 warps of 32 threads
+# (the forward at DP 128: 128 rows over 8 warps, Tiles::kFwdWarps).
+ELEMS = {("fwd", 64): 64 * 64 // 128, ("fwd", 128): 128 * 64 // 256, ("fwd", 256): 64 * 32 // 128,
          ("dq", 64): 64 * 64 // 128, ("dq", 128): 64 * 64 // 128, ("dq", 256): 64 * 32 // 128,
          ("bwd", 64): 64 * 64 // 128, ("bwd", 128): 64 * 32 // 128, ("bwd", 256): 64 * 32 // 128}
 
@@ -141,7 +144,7 @@ def table(arch: str, dtype: str, probes: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         # Probes count the dropout draws of the common case alone (offset and Sk multiples of 4:
         # Philox blocks shared between lanes); the built kernels also hold the general fallback.
-        defines = ("FF_ATTENTION_COUNT_SHARED_DRAWS",) if probes else ()
+        defines = ("FF_ATTENTION_COUNT_SHARED_DRAWS", "FF_ATTENTION_COUNT_MASK_TILE") if probes else ()
         cubin = compile_cubin(probe_source(dtype, probes), arch, tmp, defines)
         sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         res = resources(tool, cubin)

@@ -24,35 +24,37 @@ def test_philox_known_answers(counter, key, expected):
     assert tuple(int(w) for w in out) == expected
 
 
-def test_draws_follow_the_documented_mapping():
-    """Element n draws word (offset + n) & 3 of the block with counter (offset + n) >> 2."""
-    seed = 0x1234_5678_9ABC_DEF0
-    draws = rng.uint32_draws(seed, 5, 11)
+@pytest.mark.parametrize("seed,offset", [(0x1234_5678_9ABC_DEF0, 5), (3, (1 << 35) + 6)])
+def test_draws_follow_the_documented_mapping(seed, offset):
+    """Element n draws half (offset + n) & 1 (0: the low 16 bits) of word ((offset + n) >> 1) & 3
+    of the block with counter (offset + n) >> 3, written out here one element at a time."""
+    draws = rng.draws(seed, offset, 19)
     k = rng.seed_key(seed)
-    for n in range(11):
-        i = 5 + n
-        block = tuple(torch.tensor([v], dtype=torch.int64) for v in ((i >> 2) & rng.MASK32, i >> 34, 0, 0))
-        assert int(draws[n]) == int(rng.philox4x32(block, k)[i & 3])
+    for n in range(19):
+        i = offset + n
+        block = tuple(torch.tensor([v], dtype=torch.int64) for v in ((i >> 3) & rng.MASK32, i >> 35, 0, 0))
+        word = int(rng.philox4x32(block, k)[(i >> 1) & 3])
+        assert int(draws[n]) == (word >> 16 if i & 1 else word & 0xFFFF)
 
 
 def test_offset_is_a_shift_of_the_same_stream():
-    full = rng.uint32_draws(42, 0, 1000)
+    full = rng.draws(42, 0, 1000)
     for off in (1, 3, 4, 7, 500):
-        torch.testing.assert_close(rng.uint32_draws(42, off, 1000 - off), full[off:], rtol=0, atol=0)
+        torch.testing.assert_close(rng.draws(42, off, 1000 - off), full[off:], rtol=0, atol=0)
 
 
 def test_counter_high_word_is_used():
     """Offsets past 2**34 elements change the counter's second word, not wrap around."""
-    a = rng.uint32_draws(1, 0, 64)
-    b = rng.uint32_draws(1, 1 << 34, 64)
+    a = rng.draws(1, 0, 64)
+    b = rng.draws(1, 1 << 34, 64)
     assert not torch.equal(a, b)
 
 
 def test_seeds_give_different_streams_and_same_seed_repeats():
-    a, b = rng.uint32_draws(1, 0, 4096), rng.uint32_draws(2, 0, 4096)
-    assert torch.equal(a, rng.uint32_draws(1, 0, 4096))
+    a, b = rng.draws(1, 0, 4096), rng.draws(2, 0, 4096)
+    assert torch.equal(a, rng.draws(1, 0, 4096))
     assert (a == b).float().mean() < 0.01
-    hi = rng.uint32_draws(1 + (1 << 32), 0, 4096)  # differs only in the key's high word
+    hi = rng.draws(1 + (1 << 32), 0, 4096)  # differs only in the key's high word
     assert (a == hi).float().mean() < 0.01
 
 
@@ -71,20 +73,22 @@ def test_keep_rate_and_scale(p):
 
 
 def test_uniformity_and_lane_independence():
-    r = rng.uint32_draws(123, 0, 1 << 18).double()
-    buckets = torch.histc(r, bins=64, min=0, max=2.0**32)
+    r = rng.draws(123, 0, 1 << 18).double()
+    buckets = torch.histc(r, bins=64, min=0, max=2.0**16)
     expected = r.numel() / 64
     chi2 = ((buckets - expected) ** 2 / expected).sum().item()
     assert chi2 < 120, f"chi-square {chi2:.1f} over 63 degrees of freedom"  # p ~ 1e-5 at 120
-    u = r / 2.0**32 - 0.5
-    for lag in (1, 2, 3, 4):  # neighbouring lanes of a block, and the next block
+    u = r / 2.0**16 - 0.5
+    for lag in (1, 2, 3, 4, 8):  # halves of a word, words of a block, the next block
         corr = (u[:-lag] * u[lag:]).mean().item() / u.var().item()
         assert abs(corr) < 0.01, f"lag-{lag} correlation {corr:.4f}"
 
 
 def test_threshold_edges():
     assert rng.threshold(0.0) == 0
-    assert rng.threshold(0.5) == 1 << 31
+    assert rng.threshold(0.5) == 1 << 15
+    assert rng.threshold(0.1) == 6553  # floor(0.1 * 2**16): drops 0.0999908 of the elements
+    assert rng.threshold(2.0**-17) == 0  # under the draws' resolution: nothing dropped
     with pytest.raises(ValueError, match="dropout_p"):
         rng.threshold(1.0)
     with pytest.raises(ValueError, match="dropout_p"):

@@ -85,6 +85,8 @@ struct FwdParams {
   Problem pb;
   Strided4 out;                      // (B, H, Sq, Dv)
   float* lse = nullptr;              // (B, H, Sq) contiguous
+  bool mask_tile = true;             // CUDA: an attn_mask through the shared-memory tile where the kernel
+                                     // has one (else read from global memory: attention_cuda.cpp)
 };
 
 struct BwdParams {

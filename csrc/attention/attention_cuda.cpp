@@ -16,10 +16,13 @@ namespace {
 // A kernel's CTA must fit the device's opt-in shared memory per block (99 KiB on sm_86 / sm_89,
 // 163 KiB on sm_80, 227 KiB on sm_90); dispatch leaves such calls out (attention_cuda_smem_bytes),
 // so this is the error of an explicit backend="cuda".
-void check_smem(const char* what, size_t need, int64_t d, int64_t dv) {
+size_t smem_optin() {
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-  const size_t limit = static_cast<size_t>(optin);
+  return static_cast<size_t>(optin);
+}
+
+void check_smem(const char* what, size_t need, size_t limit, int64_t d, int64_t dv) {
   TORCH_CHECK(need <= limit, "fusedformer.attention: the cuda ", what, " at head dims (", d, ", ", dv, ") needs ",
               need, " bytes of shared memory per block; this GPU allows ", limit,
               " (use backend=\"triton\", or a head dim of at most 128)");
@@ -27,14 +30,22 @@ void check_smem(const char* what, size_t need, int64_t d, int64_t dv) {
 }  // namespace
 
 void fwd_cuda(const FwdParams& p) {
-  check_smem("forward", gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, gpu::mask_elem_bytes(p.pb)), p.pb.D, p.pb.Dv);
-  gpu::fwd_launch(p, c10::cuda::getCurrentCUDAStream());
+  // The forward's attn_mask tile where it fits or the kernel needs it (the DP 128 kernel's 128 rows
+  // of a float32 mask do not fit sm_86 / sm_89's 99 KiB): else the kernel reads the mask from
+  // global memory.
+  const size_t limit = smem_optin();
+  FwdParams q = p;
+  q.mask_tile = !gpu::fwd_mask_tile_optional(p.pb.D, p.pb.Dv) ||
+                gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, gpu::mask_elem_bytes(p.pb)) <= limit;
+  check_smem("forward", gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, q.mask_tile ? gpu::mask_elem_bytes(p.pb) : 0), limit,
+             p.pb.D, p.pb.Dv);
+  gpu::fwd_launch(q, c10::cuda::getCurrentCUDAStream());
 }
 
 void bwd_cuda(const BwdParams& p) {
   const Problem& pb = p.pb;
   check_smem(p.deterministic ? "deterministic backward" : "backward",
-             gpu::bwd_smem_bytes(pb.D, pb.Dv, p.deterministic, gpu::mask_elem_bytes(pb)), pb.D, pb.Dv);
+             gpu::bwd_smem_bytes(pb.D, pb.Dv, p.deterministic, gpu::mask_elem_bytes(pb)), smem_optin(), pb.D, pb.Dv);
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device());
   at::Tensor delta = at::empty({pb.B, pb.H, pb.Sq}, opts);
   // The float32 dQ accumulator of the atomic path (zeroed by the delta kernel).

@@ -40,17 +40,20 @@
 //                                  -inf where causal, key padding or out of range
 //   online softmax                 row max / sum over the 4 lanes of a quad (__shfl_xor_sync),
 //                                  exp2f, rescale of the accumulator by exp2(m_old - m_new)
-//   dropout                        P *= keep after the statistics (l is not dropped); the lanes t
-//                                  and t ^ 1 share the Philox blocks of their four keys
-//                                  (dropout_row_pairs); 1 / (1 - p) is applied with 1 / l
+//   dropout                        P *= keep after the statistics (l is not dropped); a quad's
+//                                  four lanes share the Philox blocks of two n-tiles' keys, one
+//                                  call per 8 scores (dropout_row_octs); 1 / (1 - p) is applied
+//                                  with 1 / l
 //   O += P V                       P rounded to 16 bits in registers and used directly as the A
 //                                  operand (the C-fragment -> A-fragment identity), V via
 //                                  ldmatrix .trans
 // Key tiles past the last visible key (causal: right of the tile's last row; padding: past the
 // row's last unpadded key) are never loaded. At the end out = acc / l (0 for a fully masked row)
 // and lse = (m + log2 l) ln 2 (-inf for a fully masked row).
-// We chose 64 query rows (16 per warp) for every DP instead of 128: with 4 warps and 32 rows per
-// warp the DP = 128 accumulators alone need 128 registers per thread and the kernel spills.
+// Each warp owns 16 query rows: 32 rows a warp would put the DP = 128 accumulators alone at 128
+// registers a thread, and the kernel spills. A CTA has 4 warps (64 rows), but 8 (128 rows) at
+// DP = 128, where the registers hold an SM to 8 warps either way and the larger CTA copies each
+// K / V tile once for twice the rows (Tiles::kFwdWarps).
 //
 // Backward, three launches (FlashAttention-2):
 //   bwd_delta_kernel   delta_i = dO_i . O_i (float32, (B, H, Sq)), one warp per row; it also
@@ -61,8 +64,9 @@
 //                      the query tiles of BQb rows (64 for DP = 64, else 32: register budget), so
 //                      dK / dV need no atomics:
 //                        S^T = K Q^T, P^T = exp2(S^T - lse)      (recomputed from the saved lse)
-//                        dP^T = V dO^T, dropout: PK = P keep, dP *= z (four lanes share each
-//                        Philox block: dropout_col_quad)
+//                        dP^T = V dO^T, dropout: PK = P keep, dP *= z (eight lanes share
+//                        the Philox blocks of two n-tiles, one call per 8 scores:
+//                        dropout_col_octs)
 //                        dS^T = P^T (dP^T - delta)
 //                        dV += PK^T-as-A-operand x dO,  dK += dS^T x Q  (register reuse again)
 //                        dQ += dS K: dS^T goes to shared memory (16-bit), all 4 warps share the
@@ -257,12 +261,12 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
         [[maybe_unused]] uint32_t keep_bits = ~0u;
         if constexpr (kDropout && kTwoPasses) {
           static_assert(NQ * 4 <= 32, "bwd_kernel: a step's keep bits fit 32 bits");
-#pragma unroll
-          for (int nt = 0; nt < NQ; ++nt) {
-            bool keep[4];
-            dropout_col_quad(pb.dropout, base, Sk, q0 + nt * 8 + 2 * t, key0, lane, shared, keep);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) keep_bits &= ~(static_cast<uint32_t>(!keep[e]) << (4 * nt + e));
+          // Not unrolled: two draws interleaved beside the dK accumulators put sm_80 at 255
+          // registers and a stack frame (check_cubins.py); one at a time, 245 and none.
+#pragma unroll 1
+          for (int nt = 0; nt < NQ; nt += 2) {
+            keep_bits &= ~(static_cast<uint32_t>(~dropout_col_octs(pb.dropout, base, Sk, q0 + nt * 8 + 2 * t, key0,
+                                                                     lane, shared) & 0xFFu) << (4 * nt));
           }
         }
         float st[NQ][4] = {};   // S^T, then P^T z
@@ -271,11 +275,11 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
         if (!dv_pass) mma_abt<T, NQ, DP, LD, LD>(dpt, sV, key_w, cdO, Dv, lane);
         // P^T from the saved lse: plain tiles only scale, the general path masks (attention.h).
         auto probabilities = [&](auto plain) {
+          [[maybe_unused]] uint32_t keep8 = 0;  // tiles nt and nt + 1 (bit 4 u + e of tile nt + u), drawn at even nt
 #pragma unroll
           for (int nt = 0; nt < NQ; ++nt) {
-            [[maybe_unused]] bool keep[4];
             if constexpr (kDropout && !kTwoPasses) {
-              dropout_col_quad(pb.dropout, base, Sk, q0 + nt * 8 + 2 * t, key0, lane, shared, keep);
+              if (nt % 2 == 0) keep8 = dropout_col_octs(pb.dropout, base, Sk, q0 + nt * 8 + 2 * t, key0, lane, shared);
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -292,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const BwdParams p, const 
               }
               float dp = dpt[nt][e], pz = pr;
               if constexpr (kDropout) {  // dV's 1 / (1 - p) at the end
-                const bool kept = kTwoPasses ? (keep_bits >> (4 * nt + e)) & 1u : keep[e];
+                const bool kept = (kTwoPasses ? keep_bits >> (4 * nt + e) : keep8 >> (4 * (nt % 2) + e)) & 1u;
                 pz = kept ? pr : 0.f;
                 dp = kept ? dp * pb.dropout.scale : 0.f;
               }
@@ -460,11 +464,13 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
     const uint64_t base0 = static_cast<uint64_t>(bh * Sq + rows[0]) * Sk;
     const uint64_t base1 = static_cast<uint64_t>(bh * Sq + rows[1]) * Sk;
     auto grads = [&](auto plain) {  // s <- dS = P (dP z - delta)
+      [[maybe_unused]] bool keep[8];  // tiles nt and nt + 1 (keep[4 u + e] of tile nt + u), drawn at even nt
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int j = k0 + nt * 8 + 2 * t;
-        bool keep[4] = {true, true, true, true};
-        if constexpr (kDropout) dropout_row_pairs(pb.dropout, base0, base1, j, t, shared, keep);
+        if constexpr (kDropout) {
+          if (nt % 2 == 0) dropout_row_octs(pb.dropout, base0, base1, j, t, shared, keep);
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e >> 1;
@@ -477,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
                 sl.score(rows[r], k0 + c, s[nt][e], [&] { return mask_value(mrow[r], c, sl.mask_kind); });
             pr = lse2[r] == -INFINITY ? 0.f : exp2f(sc - lse2[r]);
           }
-          const float dpz = kDropout ? (keep[e] ? dp[nt][e] * pb.dropout.scale : 0.f) : dp[nt][e];
+          const float dpz = kDropout ? (keep[4 * (nt % 2) + e] ? dp[nt][e] * pb.dropout.scale : 0.f) : dp[nt][e];
           s[nt][e] = pr * (dpz - dlt[r]);
         }
       }
@@ -515,12 +521,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_dq_kernel(const BwdParams p, 
 template <typename T, int DP, bool kDropout>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using C = Tiles<DP>;
-  const size_t smem = C::fwd_smem(mask_elem_bytes(p.pb));
-  // One-dimensional grids: B H ceil(Sq / 64) CTAs stay far below 2^31 for any tensor that fits in
+  const size_t smem = C::fwd_smem(!C::kFwdMaskOptional || p.mask_tile ? mask_elem_bytes(p.pb) : 0);
+  // One-dimensional grids: B H ceil(Sq / kBQf) CTAs stay far below 2^31 for any tensor that fits in
   // memory (attention_problem.cpp bounds Sq and Sk).
-  const int64_t nq = (p.pb.Sq + C::kBQ - 1) / C::kBQ;
-  ff::simt::launch(fwd_kernel<T, DP, kDropout>, dim3(static_cast<unsigned>(p.pb.B * p.pb.H * nq)), dim3(kThreads),
-                   smem, stream, p);
+  const int64_t nq = (p.pb.Sq + C::kBQf - 1) / C::kBQf;
+  ff::simt::launch(fwd_kernel<T, DP, kDropout>, dim3(static_cast<unsigned>(p.pb.B * p.pb.H * nq)),
+                   dim3(32 * C::kFwdWarps), smem, stream, p);
 }
 
 // delta: (B, H, Sq) float32 scratch. dq_acc: (B, H, Sq, D) float32 scratch (need not be zeroed);

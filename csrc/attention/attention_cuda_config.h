@@ -25,7 +25,15 @@ inline int mask_elem_bytes(const Problem& pb) {
 template <int DP>
 struct Tiles {
   static constexpr int kLd = DP + 8;                 // smem row stride of a DP-wide tile
-  static constexpr int kBQ = 64;                     // fwd / dq kernel: query rows per CTA
+  static constexpr int kBQ = 64;                     // dq kernel: query rows per CTA
+  // fwd kernel: warps per CTA, each owning 16 query rows. At DP 128 the registers (about 200-215 a
+  // thread) hold an SM to 8 warps, two 4-warp CTAs or one of 8, so one 8-warp CTA of 128 rows keeps
+  // the same warps per SM while each K / V tile it copies serves twice the query rows (half the
+  // copies and half the K / V shared memory per SM). At DP 64 (about 160 registers, 3 CTAs of 4
+  // warps) an 8-warp CTA would leave one per SM, 8 warps instead of 12; at DP 256 Q's tile sits in
+  // shared memory and 128 rows of it would not fit sm_86 / sm_89's 99 KiB.
+  static constexpr int kFwdWarps = DP == 128 ? 8 : 4;
+  static constexpr int kBQf = 16 * kFwdWarps;        // fwd kernel: query rows per CTA
   static constexpr int kBK = DP == 256 ? 32 : 64;    // fwd / dq kernel: keys per pipelined tile
   static constexpr int kBKb = 64;                    // bwd: keys per CTA
   static constexpr int kBQb = DP == 64 ? 64 : 32;    // bwd: query rows per inner step
@@ -39,12 +47,16 @@ struct Tiles {
   // attn_mask tile where Q's tile would be; at DP 256 Q stays in shared memory and the mask is
   // read per score element from global memory (its 99 KiB are already sm_86 / sm_89's limit).
   static constexpr bool kFwdQInRegs = DP <= 128;
+  // fwd kernel: the attn_mask tile may be left out (FwdParams::mask_tile; the mask is then read from
+  // global memory): at DP 128, where a float32 mask's 128-row tile makes 102 KiB, over sm_86 /
+  // sm_89's 99 KiB. At DP 64 the kernel always takes the tile (53 KiB at most); DP 256 has none.
+  static constexpr bool kFwdMaskOptional = kFwdQInRegs && kFwdWarps == 8;
 
   // Dynamic shared memory in bytes (16-bit tiles) one CTA asks for, with an attn_mask of
   // `mask_elem` bytes per value (0: none); see attention_cuda.cuh's kernels.
   static constexpr size_t fwd_smem(int mask_elem) {  // 2 x K, 2 x V, then Q or the mask tile
     return static_cast<size_t>(4 * kBK) * kLd * 2 +
-           (kFwdQInRegs ? mask_tile_bytes(kBQ, kBK, mask_elem) : static_cast<size_t>(kBQ) * kLd * 2);
+           (kFwdQInRegs ? mask_tile_bytes(kBQf, kBK, mask_elem) : static_cast<size_t>(kBQf) * kLd * 2);
   }
   static constexpr size_t bwd_smem(int mask_elem) {  // K, V, Q, dO, dS^T, lse, delta, the mask tile
     return static_cast<size_t>(2 * kBKb + 2 * kQBufs * kBQb) * kLd * 2 + static_cast<size_t>(kBKb) * kLdS * 2 +
@@ -60,14 +72,30 @@ inline int head_dim_bucket(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d
 
 // The dynamic shared memory one CTA of the forward, or of the backward (its dK / dV kernel and,
 // when deterministic, its dQ kernel), asks for at head dims D, Dv (<= 256) with an attn_mask of
-// mask_elem bytes per value (0: none). The default, a float32 mask, is the most it ever asks for:
-// what dispatch compares with the device.
+// mask_elem bytes per value (0: none). The default, a float32 mask, is the most it ever asks for;
+// dispatch compares the backward's with the device, and the forward's least (fwd_smem_least: the DP
+// 128 forward leaves its mask tile out where the tile does not fit, FwdParams::mask_tile).
 inline size_t fwd_smem_bytes(int64_t d, int64_t dv, int mask_elem = 4) {
   switch (head_dim_bucket(d > dv ? d : dv)) {
     case 64: return Tiles<64>::fwd_smem(mask_elem);
     case 128: return Tiles<128>::fwd_smem(mask_elem);
     default: return Tiles<256>::fwd_smem(mask_elem);
   }
+}
+
+// Whether the forward at head dims D, Dv may run without its mask tile (Tiles::kFwdMaskOptional).
+inline bool fwd_mask_tile_optional(int64_t d, int64_t dv) {
+  switch (head_dim_bucket(d > dv ? d : dv)) {
+    case 64: return Tiles<64>::kFwdMaskOptional;
+    case 128: return Tiles<128>::kFwdMaskOptional;
+    default: return Tiles<256>::kFwdMaskOptional;
+  }
+}
+
+// The least the forward asks for at head dims D, Dv with a mask of mask_elem bytes a value: without
+// the mask tile where the kernel can do without it.
+inline size_t fwd_smem_least(int64_t d, int64_t dv, int mask_elem = 4) {
+  return fwd_smem_bytes(d, dv, fwd_mask_tile_optional(d, dv) ? 0 : mask_elem);
 }
 
 inline size_t bwd_smem_bytes(int64_t d, int64_t dv, bool deterministic, int mask_elem = 4) {

@@ -16,9 +16,10 @@ namespace ff::attention::gpu {
 // Forward
 // ---------------------------------------------------------------------------------------------
 template <typename T, int DP, bool kDropout, TilePath kPath = TilePath::kAuto>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(32 * Tiles<DP>::kFwdWarps) fwd_kernel(const FwdParams p) {
   using C = Tiles<DP>;
-  constexpr int LD = C::kLd, BQ = C::kBQ, BK = C::kBK, NT = BK / 8, NO = DP / 8;
+  constexpr int LD = C::kLd, BQ = C::kBQf, BK = C::kBK, NT = BK / 8, NO = DP / 8;
+  constexpr int NTHREADS = 32 * C::kFwdWarps;
   constexpr bool kQInRegs = C::kFwdQInRegs;
   FF_DYNAMIC_SMEM(T, smem);
   T* sK = smem;              // 2 buffers of BK rows
@@ -47,11 +48,18 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   if constexpr (kQInRegs) {
     load_a_frags(qf, Q + row_w * pb.q.stride_s, pb.q.stride_s, Sq - q0 - row_w, D, lane);
   } else {
-    load_tile_async<BQ, DP>(sQ, Q, pb.q.stride_s, Sq - q0, D);  // in K(0)'s group
+    load_tile_async<BQ, DP, NTHREADS>(sQ, Q, pb.q.stride_s, Sq - q0, D);  // in K(0)'s group
   }
   // The attn_mask tile (DP <= 128), in the space Q's tile would take; this warp copies and reads
-  // its own 16 rows: mrow[r] is row rows[r] of the tile.
-  const bool mask_tiled = kQInRegs && sl.mask;
+  // its own 16 rows: mrow[r] is row rows[r] of the tile. At DP 128 the launch may leave it out
+  // (FwdParams::mask_tile: a float32 mask's 128 rows over sm_86 / sm_89's limit); the mask is then
+  // read from global memory, as at DP 256.
+#ifdef FF_ATTENTION_COUNT_MASK_TILE  // scripts/attention_sass.py: the static count of the tiled case alone
+  constexpr bool kMaskFallback = false;
+#else
+  constexpr bool kMaskFallback = C::kFwdMaskOptional;
+#endif
+  const bool mask_tiled = kQInRegs && sl.mask && (!kMaskFallback || p.mask_tile);
   const MaskTile mt = make_mask_tile(sl, sMask, BK);
   const char* mrow[2] = {mt.row(row_w, g), mt.row(row_w, g + 8)};
   auto mask_fill = [&](int it) {
@@ -61,9 +69,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 
   const KeyTiles kt = key_tiles(pb, key_range(sl.pad, Sk, scratch), q0, BQ, BK);
   if (kt.ntiles > 0) {  // K(0) (and Q at DP 256), V(0), M(0)
-    load_tile_async<BK, DP>(sK, K, pb.k.stride_s, Sk, D);
+    load_tile_async<BK, DP, NTHREADS>(sK, K, pb.k.stride_s, Sk, D);
     ff::simt::cp_async_commit();
-    load_tile_async<BK, DP>(sV, V, pb.v.stride_s, Sk, Dv);
+    load_tile_async<BK, DP, NTHREADS>(sV, V, pb.v.stride_s, Sk, Dv);
     ff::simt::cp_async_commit();
     mask_fill(0);
   }
@@ -75,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   for (int it = 0; it < kt.ntiles; ++it) {
     const int k0 = it * BK;
     const bool last = it + 1 == kt.ntiles;
-    kv_prefetch<BK, DP>(sK, sV, K, V, pb, it, kt.ntiles);
+    kv_prefetch<BK, DP, NTHREADS>(sK, sV, K, V, pb, it, kt.ntiles);
     pipe_wait<Copy::kK>(last);
     const T* cK = sK + (it & 1) * BK * LD;
     const T* cV = sV + (it & 1) * BK * LD;
@@ -98,17 +106,28 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
       }
     } else {
       if (mask_tiled) pipe_wait<Copy::kMask>(last);
+      auto general = [&](auto tiled) {  // attn_mask from the tile, or from global memory
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1, c = nt * 8 + 2 * t + (e & 1);
-          if constexpr (kQInRegs) {
-            s[nt][e] = sl.score(rows[r], k0 + c, s[nt][e], [&] { return mask_value(mrow[r], c, sl.mask_kind); });
-          } else {
-            s[nt][e] = sl.score(rows[r], k0 + c, s[nt][e]);
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1, c = nt * 8 + 2 * t + (e & 1);
+            if constexpr (decltype(tiled)::value) {
+              s[nt][e] = sl.score(rows[r], k0 + c, s[nt][e], [&] { return mask_value(mrow[r], c, sl.mask_kind); });
+            } else {
+              s[nt][e] = sl.score(rows[r], k0 + c, s[nt][e]);
+            }
           }
         }
+      };
+      if constexpr (kQInRegs && !kMaskFallback) {
+        general(std::true_type{});
+      } else if constexpr (!kQInRegs) {
+        general(std::false_type{});
+      } else if (mask_tiled) {
+        general(std::true_type{});
+      } else {
+        general(std::false_type{});
       }
     }
 
@@ -144,11 +163,11 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
       const uint64_t base0 = static_cast<uint64_t>(bh * Sq + rows[0]) * Sk;
       const uint64_t base1 = static_cast<uint64_t>(bh * Sq + rows[1]) * Sk;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        bool keep[4];
-        dropout_row_pairs(pb.dropout, base0, base1, k0 + nt * 8 + 2 * t, t, shared, keep);
+      for (int nt = 0; nt < NT; nt += 2) {
+        bool keep[8];
+        dropout_row_octs(pb.dropout, base0, base1, k0 + nt * 8 + 2 * t, t, shared, keep);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = keep[e] ? s[nt][e] : 0.f;
+        for (int e = 0; e < 8; ++e) s[nt + (e >> 2)][e & 3] = keep[e] ? s[nt + (e >> 2)][e & 3] : 0.f;
       }
     }
 

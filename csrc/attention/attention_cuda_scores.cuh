@@ -146,7 +146,7 @@ struct KeyRange {
 __device__ __forceinline__ KeyRange key_range(const bool* pad, int n, int* scratch) {
   if (!pad) return {n, n};
   int clean = n, end = 0;
-  for (int j = threadIdx.x; j < n; j += kThreads) {
+  for (int j = threadIdx.x; j < n; j += static_cast<int>(blockDim.x)) {
     if (pad[j]) {
       clean = clean < j ? clean : j;
     } else {
@@ -184,80 +184,114 @@ __device__ __forceinline__ bool plain_tile(bool nothing_hidden) {
   return kPath == TilePath::kPlain || (kPath == TilePath::kAuto && nothing_hidden);
 }
 
-// Dropout multipliers (common/philox.h: dropout_multiplier / dropout_pair, the one definition of
-// the mask) in the two register layouts of the kernels. `shared`: offset and Sk are multiples of 4,
-// so the four keys 4u .. 4u + 3 of a row are the four words of one Philox block, which lanes then
-// compute once and exchange by shuffles.
+// Dropout keep bits (common/philox.h, the one definition of the mask: eight 16-bit draws a Philox
+// block) in the two register layouts of the kernels, for two neighbouring n-tiles at a time.
+// `shared`: offset and Sk are multiples of 8, so the keys 8v .. 8v + 7 of a row are the eight
+// draws of one block: the lanes that hold them compute each block once, and a transpose over
+// shuffles hands every lane its draws — one Philox call per 8 scores.
 //
-// The helpers give keep bits (z = keep ? 1 / (1 - p) : 0); the kernels apply 1 / (1 - p) where it
-// costs least (the forward and dV once per row, at the end).
+// The helpers give keep bits; the kernels apply 1 / (1 - p) where it costs least (the forward and
+// dV once per row, at the end).
 //
-// Row layout (forward, dQ): this lane's scores (i0, j), (i0, j + 1), (i1, j), (i1, j + 1), j even,
-// into keep[0..3]; base0 / base1 = the logical index of (i0, 0) / (i1, 0). Shared: lanes t and t ^ 1
-// need the same two blocks (rows i0 and i1, keys j & ~3 ..); the even lane computes row i0's, the
-// odd lane row i1's, and they swap halves: one Philox call per 4 scores instead of 2.
-__device__ __forceinline__ void dropout_row_pairs(const DropoutParams& d, uint64_t base0, uint64_t base1, int j,
-                                                  int t, bool shared, bool (&keep)[4]) {
-  if (shared) {
-    uint32_t w[4];
-    const bool odd = t & 1;
-    const Philox4 blk = philox_block(d, (odd ? base1 : base0) + static_cast<uint64_t>(j & ~3));
-    const uint32_t own0 = odd ? blk.w[2] : blk.w[0], own1 = odd ? blk.w[3] : blk.w[1];
-    const uint32_t got0 = __shfl_xor_sync(0xffffffffu, odd ? blk.w[0] : blk.w[2], 1);
-    const uint32_t got1 = __shfl_xor_sync(0xffffffffu, odd ? blk.w[1] : blk.w[3], 1);
-    w[0] = odd ? got0 : own0;
-    w[1] = odd ? got1 : own1;
-    w[2] = odd ? own0 : got0;
-    w[3] = odd ? own1 : got1;
+// The transposes are butterflies: lane L holds row L of a matrix M (M[b][j] in slot j), and stage p
+// swaps, with lane L ^ (1 << p), the slots whose bit p differs from L's; after a stage for every
+// bit of the index, slot b holds M[b][L].
+
+// One butterfly stage on whole words: for each pair of slots (a, a ^ m), bit p of a clear, the lane
+// whose bit p is set sends slot a and takes the partner's a ^ m into it, the other the reverse.
+template <int kSlotBit, int kLaneXor, int N>
+__device__ __forceinline__ void butterfly_words(uint32_t (&w)[N], bool upper) {
+  constexpr int m = 1 << kSlotBit;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
-  } else {  // philox.h's own pair draw (z = 0 exactly where dropped; 1 / (1 - p) > 0 otherwise)
-    float z[4];
-    dropout_pair(d, base0 + j, z[0], z[1]);
-    dropout_pair(d, base1 + j, z[2], z[3]);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) keep[e] = z[e] != 0.f;
+  for (int a = 0; a < N; ++a) {
+    if (a & m) continue;
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, upper ? w[a] : w[a ^ m], kLaneXor);
+    w[a] = upper ? got : w[a];
+    w[a ^ m] = upper ? w[a ^ m] : got;
   }
 }
 
-// Column layout (dK / dV kernel, S^T): this lane's scores (i + (e & 1), key + 8 (e >> 1)) into
-// keep[e], i = the 8-query block's row 2t, key = this lane's first key; rowlen = Sk, base = the
-// logical index of (query 0, key 0) of the (batch, head). Shared: the four lanes g = 4u + c (c = 0..3)
-// of one t hold the four keys of one Philox block for the same four (query, key block) pairs;
-// lane c computes block c and a 4 x 4 transpose over shuffles hands each lane its words: one
-// Philox call per 4 scores instead of 4.
-__device__ __forceinline__ void dropout_col_quad(const DropoutParams& d, uint64_t base, int64_t rowlen, int i,
-                                                 int key, int lane, bool shared, bool (&keep)[4]) {
+// Row layout (forward, dQ): this lane's scores (i0, j + 8u), (i0, j + 8u + 1), (i1, j + 8u),
+// (i1, j + 8u + 1) into keep[4u .. 4u + 3] for the two tiles u = 0, 1; j = the first tile's key
+// 2t; base0 / base1 = the logical index of (i0, 0) / (i1, 0). Shared: this lane's key pair is word
+// t of its row's block, and the quad's four lanes need the same four blocks (rows i0, i1 x the two
+// tiles): lane t computes block t (row t & 1, tile t >> 1), and a 4 x 4 transpose of words (lanes
+// t ^ 1, t ^ 2) gives it word t of every block.
+__device__ __forceinline__ void dropout_row_octs(const DropoutParams& d, uint64_t base0, uint64_t base1, int j,
+                                                 int t, bool shared, bool (&keep)[8]) {
   if (shared) {
-    uint32_t w[4];
-    const uint32_t c = (lane >> 2) & 3;
-    const int qi = i + static_cast<int>(c & 1), kj = key - static_cast<int>(c) + 8 * static_cast<int>(c >> 1);
-    const Philox4 blk = philox_block(d, base + static_cast<uint64_t>(qi) * rowlen + kj);
-    uint32_t got[4];  // got[k]: word c of block c ^ k, from lane c ^ k
-    got[0] = philox_word(blk, c);
+    const Philox4 blk = philox_block(d, ((t & 1) ? base1 : base0) + static_cast<uint64_t>(j - 2 * t + 8 * (t >> 1)));
+    uint32_t w[4] = {blk.w[0], blk.w[1], blk.w[2], blk.w[3]};
+    butterfly_words<0, 1>(w, t & 1);
+    butterfly_words<1, 2>(w, t & 2);
 #pragma unroll
-    for (int k = 1; k < 4; ++k) got[k] = __shfl_xor_sync(0xffffffffu, philox_word(blk, c ^ k), 4 * k);
+    for (int b = 0; b < 4; ++b) {  // block b: row b & 1, tile b >> 1; low half = key 2t, high = 2t + 1
+      keep[4 * (b >> 1) + 2 * (b & 1)] = keep_low(w[b], d.threshold);
+      keep[4 * (b >> 1) + 2 * (b & 1) + 1] = keep_high(w[b], d.threshold);
+    }
+  } else {  // philox.h's own pair draw (z = 0 exactly where dropped; 1 / (1 - p) > 0 otherwise)
+    float z[8];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint32_t k = c ^ e;
-      w[e] = k == 0 ? got[0] : k == 1 ? got[1] : k == 2 ? got[2] : got[3];
+    for (int u = 0; u < 2; ++u) {
+      dropout_pair(d, base0 + j + 8 * u, z[4 * u], z[4 * u + 1]);
+      dropout_pair(d, base1 + j + 8 * u, z[4 * u + 2], z[4 * u + 3]);
     }
 #pragma unroll
-    for (int e = 0; e < 4; ++e) keep[e] = w[e] >= d.threshold;
-  } else {  // philox.h's own per-element draw
+    for (int e = 0; e < 8; ++e) keep[e] = z[e] != 0.f;
+  }
+}
+
+// Column layout (dK / dV kernel, S^T): the keep bits of this lane's scores (i + 8u + (e & 1),
+// key + 8 (e >> 1)), bit 4u + e, for the two tiles u = 0, 1 (as bits: the DP 256 kernel keeps a
+// step's bits in one register); i = the first 8-query tile's row 2t, key = this lane's
+// first key (g = lane >> 2 within its 8); rowlen = Sk, base = the logical index of (query 0, key 0)
+// of the (batch, head). Shared: the eight lanes g of one t hold the eight keys of a block, for the
+// same eight (query, key block) pairs b = 4u + e: lane g computes block g, and a transpose of
+// 16-bit draws over lanes g ^ 1, g ^ 2, g ^ 4 gives it draw g of every block. Slot j of the
+// transpose is half j & 1 of word j >> 1, so the first stage swaps halves (byte permutes: one
+// shuffle carries two halves) and the other two whole words.
+__device__ __forceinline__ uint32_t dropout_col_octs(const DropoutParams& d, uint64_t base, int64_t rowlen, int i,
+                                                     int key, int lane, bool shared) {
+  uint32_t bits = 0;
+  if (shared) {
+    const int g = lane >> 2;
+    const int qi = i + 8 * (g >> 2) + (g & 1), kb = key - g + 8 * ((g >> 1) & 1);
+    const Philox4 blk = philox_block(d, base + static_cast<uint64_t>(qi) * rowlen + kb);
+    uint32_t w[4] = {blk.w[0], blk.w[1], blk.w[2], blk.w[3]};
+    // Stage 0 (lanes g ^ 1): an odd g sends the low halves of its words and takes the partner's
+    // high halves into them; an even g the reverse. __byte_perm(x, y, s): byte k of the result is
+    // byte (s >> 4k) & 7 of y:x.
+    const bool odd = g & 1;
+    const uint32_t s_send = odd ? 0x5410u : 0x7632u, s_lo = odd ? 0x3254u : 0x5410u, s_hi = odd ? 0x3276u : 0x7610u;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint64_t n = base + static_cast<uint64_t>(i + (e & 1)) * rowlen + key + 8 * (e >> 1);
-      keep[e] = dropout_multiplier(d, n) != 0.f;
+    for (int a = 0; a < 4; a += 2) {
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, __byte_perm(w[a], w[a + 1], s_send), 4);
+      w[a] = __byte_perm(w[a], got, s_lo);
+      w[a + 1] = __byte_perm(w[a + 1], got, s_hi);
+    }
+    butterfly_words<0, 8>(w, g & 2);   // slot bit 1 = word bit 0
+    butterfly_words<1, 16>(w, g & 4);  // slot bit 2 = word bit 1
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+      const bool keep = (b & 1) ? keep_high(w[b >> 1], d.threshold) : keep_low(w[b >> 1], d.threshold);
+      bits |= static_cast<uint32_t>(keep) << b;
+    }
+  } else {  // philox.h's own per-element draw, one at a time (eight interleaved: a DP 256 stack frame)
+#pragma unroll 1
+    for (int b = 0; b < 8; ++b) {
+      const int u = b >> 2, e = b & 3;
+      const uint64_t n = base + static_cast<uint64_t>(i + 8 * u + (e & 1)) * rowlen + key + 8 * (e >> 1);
+      bits |= static_cast<uint32_t>(dropout_keep(d, n)) << b;
     }
   }
+  return bits;
 }
 
 __device__ __forceinline__ bool shared_draws(const Problem& pb) {
 #ifdef FF_ATTENTION_COUNT_SHARED_DRAWS  // scripts/attention_sass.py: the static count of this case alone
   return true;
 #else
-  return (pb.dropout.offset & 3) == 0 && (pb.Sk & 3) == 0;  // true for the ops' default offset 0 and Sk % 4 == 0
+  return (pb.dropout.offset & 7) == 0 && (pb.Sk & 7) == 0;  // true for the ops' default offset 0 and Sk % 8 == 0
 #endif
 }
 
@@ -267,17 +301,17 @@ __device__ __forceinline__ bool shared_draws(const Problem& pb) {
 // has read M(it - 1), after the V wait of iteration it - 1; an empty group without a mask tile).
 // Tile 0's groups are committed before the loop in the same order. So S = Q K^T waits for K(it)
 // only, and the scores for M(it).
-template <int BK, int DP, typename T>
+template <int BK, int DP, int NTHREADS = kThreads, typename T>
 __device__ __forceinline__ void kv_prefetch(T* sK, T* sV, const T* K, const T* V, const Problem& pb, int it,
                                             int ntiles) {
   constexpr int LD = Tiles<DP>::kLd;
   if (it + 1 >= ntiles) return;
   const int kn = (it + 1) * BK, buf = (it + 1) & 1, Sk = static_cast<int>(pb.Sk);
-  load_tile_async<BK, DP>(sK + buf * BK * LD, K + kn * pb.k.stride_s, pb.k.stride_s, Sk - kn,
-                          static_cast<int>(pb.D));
+  load_tile_async<BK, DP, NTHREADS>(sK + buf * BK * LD, K + kn * pb.k.stride_s, pb.k.stride_s, Sk - kn,
+                                    static_cast<int>(pb.D));
   ff::simt::cp_async_commit();
-  load_tile_async<BK, DP>(sV + buf * BK * LD, V + kn * pb.v.stride_s, pb.v.stride_s, Sk - kn,
-                          static_cast<int>(pb.Dv));
+  load_tile_async<BK, DP, NTHREADS>(sV + buf * BK * LD, V + kn * pb.v.stride_s, pb.v.stride_s, Sk - kn,
+                                    static_cast<int>(pb.Dv));
   ff::simt::cp_async_commit();
 }
 

@@ -12,7 +12,7 @@
 
 namespace ff::attention::gpu {
 
-constexpr int kThreads = 128;  // 4 warps per CTA in every tensor-core kernel
+constexpr int kThreads = 128;  // 4 warps per CTA in the tensor-core kernels but the DP 128 forward (Tiles::kFwdWarps)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -30,11 +30,12 @@ __device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
 // Tiles and fragments
 // ---------------------------------------------------------------------------------------------
 // cp.async of ROWS x DP elements of a row-major global matrix (row stride `stride`) into a smem
-// tile of row stride DP + 8; rows >= nrows and columns >= ncols are zero-filled.
-template <int ROWS, int DP, typename T>
+// tile of row stride DP + 8, by the CTA's NTHREADS threads; rows >= nrows and columns >= ncols are
+// zero-filled.
+template <int ROWS, int DP, int NTHREADS = kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t stride, int nrows, int ncols) {
   constexpr int kChunks = DP / 8;
-  for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += NTHREADS) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const bool ok = r < nrows && col < ncols;
     ff::simt::cp_async_16(s + r * (DP + 8) + col, ok ? g + r * stride + col : g, ok);

@@ -134,12 +134,13 @@ void attention_cuda_limits(c10::ScalarType dtype, int64_t D, int64_t Dv, int64_t
   check_cuda_problem("fusedformer_C::attention_cuda_limits: ", pb);
 }
 
-// The dynamic shared memory one CTA of the cuda kernels asks for at head dims (D, Dv <= 256): the
-// forward, or the backward (deterministic: the larger of its dK / dV and dQ kernels) —
+// The dynamic shared memory one CTA of the cuda kernels needs at head dims (D, Dv <= 256): the
+// forward (without its mask tile where it can leave the tile out: fwd_smem_least), or the backward
+// (with a float32 mask's tile; deterministic: the larger of its dK / dV and dQ kernels) —
 // attention_cuda_config.h's one definition, in every build. Dispatch compares it with the device's
 // opt-in limit (ops/attention.py), so that e.g. the head-dim-256 backward is not picked on sm_86.
 int64_t attention_cuda_smem_bytes(int64_t D, int64_t Dv, bool backward, bool deterministic) {
-  return static_cast<int64_t>(backward ? gpu::bwd_smem_bytes(D, Dv, deterministic) : gpu::fwd_smem_bytes(D, Dv));
+  return static_cast<int64_t>(backward ? gpu::bwd_smem_bytes(D, Dv, deterministic) : gpu::fwd_smem_least(D, Dv));
 }
 
 }  // namespace

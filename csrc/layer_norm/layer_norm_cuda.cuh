@@ -85,32 +85,35 @@ __device__ __forceinline__ float param_at(const void* p, int64_t c, float fill) 
 }
 
 // The dropout multipliers of the VEC consecutive logical elements n0 .. n0 + VEC - 1: the values
-// of dropout_multiplier(d, n0 + j), with one Philox call per block of four indices the pack
-// touches (VEC / 4 or VEC / 4 + 1 calls) instead of one per element. k = (offset + n0) mod 4 is
-// where the pack starts in its first block; element j is word (k + j) mod 4 of block (k + j) / 4,
-// picked with compile-time block indices and philox_word's selects, so the draws stay in
-// registers (a run-time index into the blocks would put them in local memory). Kept here rather
-// than in common/philox.h for now: the attention kernels draw pairs (dropout_pair).
+// of dropout_multiplier(d, n0 + j), with one Philox call per block of eight indices the pack
+// touches (at most VEC / 8 + 1 calls) instead of one per element. k = (offset + n0) mod 8 is where
+// the pack starts in its first block; element j is draw t mod 8 of block j / 8 + t / 8, with
+// t = k + j mod 8 (0 .. 14), picked with compile-time block indices and philox_word's selects,
+// so the draws stay in registers (a run-time index into the blocks would put them in local
+// memory). Kept here rather than in common/philox.h for now: the attention kernels draw in
+// their own register layouts (attention_cuda_scores.cuh).
 template <int VEC>
 __device__ __forceinline__ void dropout_multipliers(const DropoutParams& d, uint64_t n0, float (&z)[VEC]) {
   if constexpr (VEC == 1) {
     z[0] = dropout_multiplier(d, n0);
   } else {
-    static_assert(VEC % 4 == 0, "packs are whole Philox blocks long");
-    constexpr int kBlocks = VEC / 4 + 1;
-    const uint32_t k = static_cast<uint32_t>((d.offset + n0) & 3);
+    static_assert(VEC % 4 == 0, "packs are whole Philox words long");
+    constexpr int kBlocks = (VEC + 7) / 8 + 1;
+    const uint32_t k = static_cast<uint32_t>((d.offset + n0) & 7);
     Philox4 b[kBlocks];
 #pragma unroll
     for (int i = 0; i < kBlocks; ++i) {
-      // The last block is needed only when the pack does not start a block (k is uniform over a
-      // row's packs: every c is a multiple of VEC).
-      b[i] = (i < VEC / 4 || k != 0) ? philox_block(d, n0 + 4 * static_cast<uint64_t>(i)) : Philox4{{0, 0, 0, 0}};
+      // Block i is needed when the pack reaches it (k is uniform over a row's packs: every c is a
+      // multiple of VEC).
+      b[i] = 8 * static_cast<uint32_t>(i) < k + VEC ? philox_block(d, n0 + 8 * static_cast<uint64_t>(i))
+                                                    : Philox4{{0, 0, 0, 0}};
     }
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const uint32_t t = k + static_cast<uint32_t>(j & 3);  // 0 .. 6
-      const uint32_t r = t < 4 ? philox_word(b[j / 4], t) : philox_word(b[j / 4 + 1], t - 4);
-      z[j] = r >= d.threshold ? d.scale : 0.f;
+      const uint32_t t = k + static_cast<uint32_t>(j & 7);  // 0 .. 14
+      const uint32_t w = t < 8 ? philox_word(b[j / 8], t >> 1) : philox_word(b[j / 8 + 1], (t - 8) >> 1);
+      const bool keep = (t & 1) ? keep_high(w, d.threshold) : keep_low(w, d.threshold);
+      z[j] = keep ? d.scale : 0.f;
     }
   }
 }

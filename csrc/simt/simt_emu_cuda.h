@@ -183,6 +183,15 @@ inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+// Byte n of the result is byte (s >> 4n) & 7 of the eight bytes y:x (x the low four). Selector
+// nibbles with their top bit set (sign replication in PTX's prmt) are not emulated: an error.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  if (s & 0x8888u) throw std::runtime_error("simt emulation: __byte_perm selector nibbles above 7 are not emulated");
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * n)) & 7))) & 0xFF) << (8 * n);
+  return r;
+}
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t(a) * b) >> 32); }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }

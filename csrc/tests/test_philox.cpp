@@ -46,16 +46,22 @@ int main() {
   const ff::Philox4 lib = ff::philox4x32_10(7, 9, 3, 4);
   expect(same.w[0] == lib.w[0] && same.w[3] == lib.w[3], "library form equals the full form with c2 = c3 = 0");
 
-  // Mapping: element n with offset o draws word (o + n) & 3 of block (o + n) >> 2.
+  // Mapping: element n with offset o draws the 16-bit half (o + n) & 1 (0: low) of word
+  // ((o + n) >> 1) & 3 of block (o + n) >> 3, written out here with shifts and masks.
   ff::DropoutParams d = ff::make_dropout(0.5, 0x123456789ABCDEF0LL, 6);
   for (uint64_t n = 0; n < 40; ++n) {
     const uint64_t i = 6 + n;
-    const ff::Philox4 b = ff::philox4x32_10(static_cast<uint32_t>(i >> 2), static_cast<uint32_t>(i >> 34),
+    const ff::Philox4 b = ff::philox4x32_10(static_cast<uint32_t>(i >> 3), static_cast<uint32_t>(i >> 35),
                                             0x9ABCDEF0u, 0x12345678u);
-    const float want = b.w[i & 3] >= d.threshold ? 2.f : 0.f;
+    const uint32_t r = (b.w[(i >> 1) & 3] >> (16 * (i & 1))) & 0xFFFFu;
+    const float want = r >= d.threshold ? 2.f : 0.f;
     expect(ff::dropout_multiplier(d, n) == want, "dropout_multiplier follows the documented mapping");
+    float z0 = -1.f, z1 = -1.f;
+    ff::dropout_pair(d, n, z0, z1);
+    expect(z0 == want && z1 == ff::dropout_multiplier(d, n + 1), "dropout_pair equals two single draws");
   }
-  expect(d.threshold == 0x80000000u && d.scale == 2.f, "threshold and scale for p = 0.5");
+  expect(d.threshold == 0x8000u && d.scale == 2.f, "threshold and scale for p = 0.5");
+  expect(ff::make_dropout(0.1, 1, 0).threshold == 6553u, "threshold floor(0.1 * 2^16)");
   if (failures) return EXIT_FAILURE;
   std::printf("philox: all checks passed\n");
   return EXIT_SUCCESS;

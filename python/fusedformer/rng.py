@@ -15,16 +15,25 @@ element of the *logical* tensor the dropout applies to is identified by its row-
   problem, the sequences' probabilities laid out one after another:
   ``n = base_i + (h * Sq_i + q) * Sk_i + k`` with ``base_i = sum_{j<i} H * Sq_j * Sk_j``.
 
-For element ``n`` let ``i = offset + n``. One Philox4x32-10 block yields four 32-bit words, so
-four consecutive indices share a block::
+For element ``n`` let ``i = offset + n``. One Philox4x32-10 block yields four 32-bit words, which
+are eight 16-bit draws, so eight consecutive indices share a block::
 
     key     = (seed & 0xffffffff, (seed >> 32) & 0xffffffff)        # (k0, k1)
-    counter = (lo32(i >> 2), hi32(i >> 2), 0, 0)                      # (c0, c1, c2, c3)
-    r       = Philox4x32_10(counter, key)[i & 3]                      # uint32
+    counter = (lo32(i >> 3), hi32(i >> 3), 0, 0)                      # (c0, c1, c2, c3)
+    w       = Philox4x32_10(counter, key)[(i >> 1) & 3]               # uint32
+    r       = (w >> (16 * (i & 1))) & 0xffff                          # uint16: even i low half
 
-The element is **kept** iff ``r >= threshold(p)`` with ``threshold(p) = floor(p * 2**32)``, and a
+The element is **kept** iff ``r >= threshold(p)`` with ``threshold(p) = floor(p * 2**16)``, and a
 kept element is scaled by ``1 / (1 - p)`` (computed in float64, applied in float32). Comparing the
 integers — not floats made from them — keeps every backend bit-identical.
+
+Why 16 bits a draw: the generator is most of what dropout costs inside the attention kernels
+(ten rounds of two 32x32-bit multiplies per block), and eight draws a block halve it against one
+32-bit word per element. The price is the resolution of ``p``: an element is dropped with
+probability ``floor(p * 2**16) / 2**16``, less than ``2**-16`` below ``p`` (``p = 0.1`` drops
+0.0999908); a ``p`` under ``2**-16`` drops nothing. The kept values are still scaled by
+``1 / (1 - p)``, torch's factor, so ``E[dropout(x)]`` is ``x`` within that ``2**-16``.
+Eight-bit draws (FlashAttention-2's choice) would move ``p = 0.1`` to 0.0977.
 
 Philox4x32-10 is the counter-based generator of Salmon et al., "Parallel random numbers: as easy as
 1, 2, 3" (SC'11): ten rounds, multipliers ``0xD2511F53`` / ``0xCD9E8D57``, Weyl key increments
@@ -51,11 +60,15 @@ PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 
 
+DRAW_BITS = 16
+DRAWS_PER_BLOCK = 4 * 32 // DRAW_BITS  # eight consecutive indices share one Philox block
+
+
 def threshold(p: float) -> int:
-    """The uint32 below which a draw means *drop*: ``floor(p * 2**32)``, for ``0 <= p < 1``."""
+    """The 16-bit draw below which an element is *dropped*: ``floor(p * 2**16)``, for ``0 <= p < 1``."""
     if not 0.0 <= p < 1.0:
         raise InputError(f"dropout_p must be in [0, 1), got {p}")
-    return int(p * 4294967296.0)
+    return int(p * 65536.0)
 
 
 def keep_scale(p: float) -> float:
@@ -94,20 +107,21 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int],
     return c0, c1, c2, c3
 
 
-def uint32_draws(seed: int, offset: int, numel: int, device=None) -> torch.Tensor:
-    """The uint32 draw ``r`` for logical indices ``n = 0 .. numel-1`` (as int64 values)."""
+def draws(seed: int, offset: int, numel: int, device=None) -> torch.Tensor:
+    """The 16-bit draw ``r`` for logical indices ``n = 0 .. numel-1`` (as int64 values)."""
     if offset < 0:
         raise InputError(f"offset must be >= 0, got {offset}")
     if numel == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    first_block, last_block = offset >> 2, (offset + numel - 1) >> 2
+    first_block, last_block = offset >> 3, (offset + numel - 1) >> 3
     blocks = torch.arange(first_block, last_block + 1, dtype=torch.int64, device=device)
     zero = torch.zeros_like(blocks)
     words = philox4x32((blocks & MASK32, blocks >> 32, zero, zero), seed_key(seed))
-    # words[j][b] is the draw for index 4 * (first_block + b) + j; lay them out in index order
-    flat = torch.stack(words, dim=1).reshape(-1)
-    start = offset - 4 * first_block
-    return flat[start:start + numel]
+    # halves[b, j, h] is half h (0: low) of word j of block b: the draw for index 8 * (first_block
+    # + b) + 2 * j + h, so the row-major order is index order
+    halves = torch.stack([torch.stack((w & 0xFFFF, w >> 16), dim=1) for w in words], dim=1)
+    start = offset - 8 * first_block
+    return halves.reshape(-1)[start:start + numel]
 
 
 def keep_mask(shape, p: float, seed: int, offset: int = 0, device=None) -> torch.Tensor:
@@ -115,7 +129,7 @@ def keep_mask(shape, p: float, seed: int, offset: int = 0, device=None) -> torch
     numel = 1
     for s in shape:
         numel *= int(s)
-    r = uint32_draws(seed, offset, numel, device=device)
+    r = draws(seed, offset, numel, device=device)
     return (r >= threshold(p)).reshape(tuple(shape))
 
 

@@ -12,7 +12,7 @@ offset, so the masks must agree bit for bit), the deterministic backward (bitwis
 runs, and by the 2x rule); the tile paths (test_tile_paths): tiles on the plain path only, the
 causal diagonal among plain tiles, right padding with boundary, skipped and empty rows, padding
 with holes, dropout with the lane-shared Philox draws and with the per-lane fallback (Sk or offset
-not a multiple of 4), a NaN row on the plain path; the attn_mask tile in shared memory
+not a multiple of 8), a NaN row on the plain path; the attn_mask tile in shared memory
 (test_mask_tile, test_bool_mask): cp.async and plain-load layouts, one row for every query,
 partial tiles, float32 / float16 / bfloat16 masks, each kernel. Masks reach the kernels in the
 layout a case builds (_set_mask). Every output is written inside a NaN-filled buffer with padded rows;
@@ -114,7 +114,7 @@ def _like(x, dtype):
     return torch.empty_strided(x.shape, x.stride(), dtype=dtype).copy_(x)
 
 
-def _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic=False):
+def _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic=False, mask_tile=True):
     """The emulated kernels: (out, lse, dq, dk, dv), every output inside a guard-banded buffer."""
     q, k, v, dout = (_like(t[n], dtype) for n in ("q", "k", "v", "dout"))
     mask = _mask_as(t, mask_dtype)
@@ -123,7 +123,7 @@ def _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, determin
     Hk, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     out = Guarded((B, H, Sq, Dv), dtype)
     lse = Guarded((B, H, Sq), torch.float32, row_pad=0)
-    emu.fwd(q, k, v, mask, kpm, p, causal, scale, seed, offset, out.view, lse.view)
+    emu.fwd(q, k, v, mask, kpm, p, causal, scale, seed, offset, out.view, lse.view, mask_tile)
     out.assert_untouched("out")
     lse.assert_untouched("lse")
     grads = [Guarded(s, dtype) for s in ((B, H, Sq, D), (B, Hk, Sk, D), (B, Hk, Sk, Dv))]
@@ -135,11 +135,11 @@ def _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, determin
 
 
 def _check(emu, t, dtype, *, mask_dtype=None, p=0.0, causal=False, scale=None, seed=0, offset=0,
-           deterministic=False):
+           deterministic=False, mask_tile=True):
     D = t["q"].shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     mask_dtype = mask_dtype or dtype
-    got = _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic)
+    got = _run_emu(emu, t, dtype, mask_dtype, p, causal, scale, seed, offset, deterministic, mask_tile)
     base = _reference(t, dtype, mask_dtype, p, causal, scale, seed, offset)
     ref = _reference(t, torch.float64, mask_dtype, p, causal, scale, seed, offset)
     for name, o, b, r in zip(("out", "lse", "dq", "dk", "dv"), got, base, ref):
@@ -249,6 +249,20 @@ def test_mask_tile(emu, layout, dtypes):
     _check(emu, t, dtype, mask_dtype=mask_dtype, p=p, causal=causal, seed=77, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("D", [96, 128])
+def test_forward_mask_without_the_tile(emu, D):
+    """Where the DP 128 forward's mask tile does not fit the device (a float32 mask on sm_86 /
+    sm_89: attention_cuda.cpp clears FwdParams::mask_tile), the general path reads the mask from
+    global memory instead: the same results, partial tiles, causal and dropout included."""
+    B, H, Sq, Sk = 1, 2, 77, 130
+    t = _problem(B, H, H, Sq, Sk, D, D, gen_seed=D + 1)
+    g = torch.Generator().manual_seed(D + 2)
+    shape, view = _mask_layout("padded-rows", B, H, Sq, Sk)
+    storage = torch.randn(shape, generator=g, dtype=torch.float64)
+    _set_mask(t, storage.masked_fill(torch.rand(shape, generator=g) < 0.2, float("-inf")), view)
+    _check(emu, t, torch.float16, mask_dtype=torch.float32, p=0.3, causal=True, seed=6, mask_tile=False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bool_mask(emu, dtype):
     """A bool attn_mask (True = may attend) as the op converts it (ops/attention.py: 0 / -inf in q's
@@ -329,7 +343,8 @@ def test_a_nan_score_row_gives_nan(emu):
 # Tile paths (attention_cuda.cuh: TilePath, KeyRange): a key tile nothing can hide takes the plain
 # path (scale only), a tile that causal masking, key padding, an attn_mask or the key bound cuts takes
 # the general one, and tiles past the last visible key are never visited (their dK / dV are zeros).
-# Dropout draws are shared between lanes when offset and Sk are multiples of 4, else drawn per lane.
+# Dropout draws are shared between lanes when offset and Sk are multiples of 8 (a Philox block's eight
+# draws), else drawn per lane.
 def _right_padding(Sk, lengths):
     kpm = torch.ones(len(lengths), Sk, dtype=torch.bool)
     for b, n in enumerate(lengths):
@@ -344,8 +359,11 @@ TILE_CASES = {
     "right-padding": (4, 2, 2, 70, 192, 64, False, [192, 100, 64, 0], 0.0, 0),  # boundary, skipped, empty rows
     "padding-holes": (2, 2, 1, 70, 192, 40, False, "holes", 0.0, 0),     # clean < end: general tiles between
     "dropout-shared": (2, 2, 2, 70, 192, 64, False, [192, 77], 0.3, 0),  # Philox blocks shared by lanes
-    "dropout-sk-unaligned": (1, 2, 2, 70, 190, 64, True, None, 0.3, 0),  # Sk % 4 != 0: per-lane draws
+    "dropout-sk-unaligned": (1, 2, 2, 70, 190, 64, True, None, 0.3, 0),  # Sk % 8 != 0: per-lane draws
+    "dropout-sk-half-block": (1, 2, 2, 70, 188, 64, False, None, 0.3, 0),  # Sk % 8 == 4: per-lane draws
     "dropout-offset-unaligned": (1, 2, 2, 70, 192, 64, False, None, 0.3, 2),
+    "dropout-offset-half-block": (1, 2, 2, 70, 192, 64, False, None, 0.3, 4),
+    "dropout-shared-128": (1, 2, 1, 130, 136, 128, True, [136], 0.3, 8),  # 8-warp forward, shared, offset 8
     "dropout-256": (1, 1, 1, 40, 96, 256, True, None, 0.3, 0),
 }
 

@@ -225,14 +225,14 @@ def test_rows_about_1e3(emu, dtype, rms):
     _check(emu, m, dtype, rms=rms, tight_if_base_meets_it=True)
 
 
-@pytest.mark.parametrize("offset", [0, 1, 2, 7])
+@pytest.mark.parametrize("offset", range(8))
 @pytest.mark.parametrize("shift", [0, 1], ids=["packs", "scalar"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_mask_is_the_reference_mask(emu, dtype, shift, offset):
     """Without a residual h = x * Z rounded once, in the kernel as in the reference: bitwise equal;
     h and dx are zero exactly where fusedformer.rng drops (x and dh are never zero here). N is a
-    multiple of 8, so (offset + n) mod 4 at a pack's first element is offset mod 4: offsets 0, 1, 2,
-    7 (and 3 in the other tests) put the packs at every position against the Philox blocks."""
+    multiple of 8, so (offset + n) mod 8 at a pack's first element is offset mod 8: offsets 0 .. 7
+    put the packs at every position against the Philox blocks (eight draws each)."""
     M, N, p = 9, 264, 0.3
     m = _masters(M, N, gen_seed=14)
     got, base = _check(emu, m, dtype, p=p, shift=shift, offset=offset)

@@ -231,6 +231,22 @@ def test_philox_compiles_and_matches_host(emu):
     assert 0 < int((got == 0).sum()) < 64
 
 
+def test_byte_perm(emu):
+    """Byte k of __byte_perm(x, y, s) is byte (s >> 4k) & 7 of the eight bytes y:x, computed here
+    byte by byte, for the selectors the attention dropout transposes use and others; selector
+    nibbles above 7 (sign replication in PTX's prmt) are refused, not emulated."""
+    g = torch.Generator().manual_seed(5)
+    words = torch.randint(0, 2**32, (24, 2), generator=g, dtype=torch.int64).tolist()
+    for x, y in words:
+        both = x | (y << 32)
+        for s in (0x3210, 0x7654, 0x5410, 0x7632, 0x3254, 0x3276, 0x7610, 0x0123, 0x4444, 0x1756):
+            want = sum(((both >> (8 * ((s >> (4 * k)) & 7))) & 0xFF) << (8 * k) for k in range(4))
+            assert emu.byte_perm(x, y, s) == want, (hex(x), hex(y), hex(s))
+    assert emu.byte_perm(0x33221100, 0x77665544, 0x5410) == 0x55441100
+    with pytest.raises(RuntimeError, match="not emulated"):
+        emu.byte_perm(1, 2, 0x8000)
+
+
 def test_mma_loop_is_fast(emu):
     t0 = time.perf_counter()
     out = emu.mma_loop(4, 400)

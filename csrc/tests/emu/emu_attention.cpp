@@ -27,11 +27,12 @@ Problem cuda_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Op
 
 void fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask,
          const OptTensor& key_padding_mask, double dropout_p, bool causal, double scale, int64_t seed, int64_t offset,
-         const Tensor& out, const Tensor& lse) {
+         const Tensor& out, const Tensor& lse, bool mask_tile) {
   FwdParams p;
   p.pb = cuda_problem(q, k, v, attn_mask, key_padding_mask, dropout_p, causal, scale, seed, offset);
   p.out = strided(out);
   p.lse = lse.data_ptr<float>();
+  p.mask_tile = mask_tile;  // false: what attention_cuda.cpp sets where the tile does not fit the device
   ff::cuda::visit_device_dtype<ff::LowPrecisionDtypes>(p.pb.dtype, "emu_attention", [&]<typename T>(ff::TypeTag<T>) {
     gpu::launch_fwd_any<T>(p, cudaStream_t{});
   });
@@ -56,6 +57,9 @@ void bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fwd", &fwd);
+  m.def("fwd", &fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("attn_mask"),
+        pybind11::arg("key_padding_mask"), pybind11::arg("dropout_p"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("seed"), pybind11::arg("offset"), pybind11::arg("out"), pybind11::arg("lse"),
+        pybind11::arg("mask_tile") = true);
   m.def("bwd", &bwd);
 }

@@ -244,6 +244,12 @@ at::Tensor philox(int64_t seed, int64_t offset, double p) {
   return out;
 }
 
+// __byte_perm(x, y, s) as the emulation computes it (the CUDA C++ programming guide's definition).
+int64_t byte_perm(int64_t x, int64_t y, int64_t s) {
+  return static_cast<int64_t>(
+      __byte_perm(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(s)));
+}
+
 // ---- kernels that are wrong; each case must make the launch throw -------------------------------
 
 __global__ void bad_kernel(int which, const float* g) {
@@ -312,5 +318,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("handoff", &handoff);
   m.def("uninit", &uninit);
   m.def("philox", &philox);
+  m.def("byte_perm", &byte_perm);
   m.def("bad", &bad);
 }
