@@ -27,8 +27,8 @@
 // are plain), so right padding costs one general tile per row and saves the tiles past its length.
 // scripts/attention_sass.py counts each path's instructions (docs/cuda_kernels.md).
 //
-// Forward (fwd_kernel): one CTA of 4 warps per (64 query rows, batch * head); warp w owns rows
-// 16w..16w+15 of the tile. Grid: query tiles fastest, so the CTAs that run together read one
+// Forward (fwd_kernel): one CTA per (query tile, batch * head), 4 warps and 64 query rows (8 warps
+// and 128 rows at DP = 128, below); warp w owns rows 16w..16w+15 of the tile. Grid: query tiles fastest, so the CTAs that run together read one
 // head's K / V (L2 reuse), and under causal masking the longest rows first. Up to DP = 128 each
 // warp reads its Q rows once, straight from global memory into mma fragments kept in registers
 // (that shared memory holds the mask tile); DP = 256 copies the Q tile to shared memory. K / V
