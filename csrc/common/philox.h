@@ -65,8 +65,8 @@ struct DropoutParams {
   bool enabled = false;
 };
 
-// The Philox block holding logical index n: its four words are the draws of indices
-// 8 ((offset + n) >> 3) .. + 7, two 16-bit halves a word.
+// The Philox block holding logical index n: its four words are the draws of the counter indices
+// 8 (i >> 3) .. 8 (i >> 3) + 7, i = offset + n, two 16-bit halves a word.
 FF_HOST_DEVICE Philox4 philox_block(const DropoutParams& d, uint64_t n) {
   const uint64_t block = (d.offset + n) >> 3;
   return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
