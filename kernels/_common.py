@@ -49,8 +49,14 @@ except ImportError:  # loaded as a top-level ``kernels`` package (scripts/triton
 seed_value = rng.seed_int
 
 # Indices per Philox block: rows of dropout indices that start on a multiple of this take
-# philox_draw_rows (the launchers' *_ALIGNED constexprs).
+# philox_draw_rows (the launchers' *_ALIGNED constexprs, from drop_rows_aligned).
 DROP_BLOCK = rng.DRAWS_PER_BLOCK
+
+
+def drop_rows_aligned(row_length: int, offset: int) -> bool:
+    """Whether every row of ``row_length`` dropout indices, counted from ``offset``, starts on a
+    Philox block: the launchers' ``*_ALIGNED`` constexpr (tiles start on multiples of 8 columns)."""
+    return int(row_length) % DROP_BLOCK == 0 and int(offset) % DROP_BLOCK == 0
 
 
 def dropout_constants(p: float) -> tuple[int, float]:

@@ -68,7 +68,7 @@ import triton
 
 from . import _configs as _cfg
 from ._attention_common import TensorDescriptor
-from ._common import DROP_BLOCK, dot_precision, dropout_constants, next_pow2, seed_value
+from ._common import dot_precision, drop_rows_aligned, dropout_constants, next_pow2, seed_value
 # The kernels, by concern: forward, backward, and what they share (tiles, pruners, masking).
 from .attention_bwd import _attention_bwd_dkdv, _attention_bwd_dq, _bwd_delta
 from .attention_fwd import _attention_fwd
@@ -122,8 +122,7 @@ class _Problem:
         self.has_dropout = dropout_p > 0.0
         self.seed, self.offset = seed_value(seed), int(offset)
         # Every row of P starts on a Philox block: one block serves eight neighbouring keys.
-        self.drop_aligned = (self.has_dropout and not varlen
-                             and self.Sk % DROP_BLOCK == 0 and self.offset % DROP_BLOCK == 0)
+        self.drop_aligned = self.has_dropout and not varlen and drop_rows_aligned(self.Sk, self.offset)
         self.drop_base = None
         if varlen and self.has_dropout:
             lq = (cu_q[1:] - cu_q[:-1]).to(torch.int64)

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import _configs as _cfg
-from ._common import (DROP_BLOCK, autotune_enabled, device_function, dot_precision, dropout_constants,
+from ._common import (autotune_enabled, device_function, dot_precision, drop_rows_aligned, dropout_constants,
                       dropout_keep_rows, interpreting, mma, round_to, seed_value)
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
@@ -295,7 +295,7 @@ def _gemm(a, b_t, bias, aux, out, out2, *, epilogue, tanh=False, dropout=(0, 1.0
         M, N, K, a.stride(0), a.stride(1), b_t.stride(0), b_t.stride(1),
         seed, offset, threshold, scale,
         EPILOGUE=epilogue, TANH=tanh, HAS_BIAS=bias is not None, HAS_DROPOUT=threshold > 0,
-        DROP_ALIGNED=threshold > 0 and N % DROP_BLOCK == 0 and offset % DROP_BLOCK == 0,
+        DROP_ALIGNED=threshold > 0 and drop_rows_aligned(N, offset),
         DOT_PRECISION=dot_precision(a.dtype))
 
 
@@ -361,7 +361,7 @@ def gelu_ffn_bwd(
         block = 1024
         _dropout_scale[(triton.cdiv(dy.numel(), block),)](
             dy, dz, dy.numel(), seed_value(seed), int(offset), threshold, scale, BLOCK=block,
-            DROP_ALIGNED=int(offset) % DROP_BLOCK == 0)
+            DROP_ALIGNED=drop_rows_aligned(block, offset))
     dpre = x.new_empty(M, F)
     _gemm(dz, w2, None, pre, dpre, None, epilogue="gelu_grad", tanh=tanh)
     dw2 = torch.empty_like(w2)

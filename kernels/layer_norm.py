@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import _configs as _cfg
-from ._common import (DROP_BLOCK, autotune_enabled, device_function, dropout_constants, dropout_keep_rows,
+from ._common import (autotune_enabled, device_function, drop_rows_aligned, dropout_constants, dropout_keep_rows,
                       interpreting, next_pow2, num_sms, round_to, seed_value)
 
 # Widest row kept whole in registers (the `_rows` strategy); wider rows use `_chunked`. Read at
@@ -295,7 +295,7 @@ def _layer_norm_fwd_chunked(
 
 def _drop_aligned(dropout_p: float, N: int, offset: int) -> bool:
     """Every row of dropout indices starts on a Philox block (see ``_common.philox_draw_rows``)."""
-    return dropout_p > 0.0 and N % DROP_BLOCK == 0 and int(offset) % DROP_BLOCK == 0
+    return dropout_p > 0.0 and drop_rows_aligned(N, offset)
 
 
 def layer_norm_fwd(

@@ -44,9 +44,10 @@ def test_offset_is_a_shift_of_the_same_stream():
 
 
 def test_counter_high_word_is_used():
-    """Offsets past 2**34 elements change the counter's second word, not wrap around."""
+    """Offsets past 2**35 elements (2**32 blocks of eight) change the counter's second word, not
+    wrap around."""
     a = rng.draws(1, 0, 64)
-    b = rng.draws(1, 1 << 34, 64)
+    b = rng.draws(1, 1 << 35, 64)
     assert not torch.equal(a, b)
 
 

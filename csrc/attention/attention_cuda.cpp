@@ -34,11 +34,11 @@ void fwd_cuda(const FwdParams& p) {
   // of a float32 mask do not fit sm_86 / sm_89's 99 KiB): else the kernel reads the mask from
   // global memory.
   const size_t limit = smem_optin();
+  const int mask_elem = gpu::mask_elem_bytes(p.pb);
   FwdParams q = p;
-  q.mask_tile = !gpu::fwd_mask_tile_optional(p.pb.D, p.pb.Dv) ||
-                gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, gpu::mask_elem_bytes(p.pb)) <= limit;
-  check_smem("forward", gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, q.mask_tile ? gpu::mask_elem_bytes(p.pb) : 0), limit,
-             p.pb.D, p.pb.Dv);
+  q.mask_tile =
+      !gpu::fwd_mask_tile_optional(p.pb.D, p.pb.Dv) || gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, mask_elem) <= limit;
+  check_smem("forward", gpu::fwd_smem_bytes(p.pb.D, p.pb.Dv, q.mask_tile ? mask_elem : 0), limit, p.pb.D, p.pb.Dv);
   gpu::fwd_launch(q, c10::cuda::getCurrentCUDAStream());
 }
 
